@@ -1,0 +1,13 @@
+"""Extension singletons, created unbound and bound to an app in the factory."""
+from flask_jwt_extended import JWTManager
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from flask_migrate import Migrate
+from flask_sqlalchemy import SQLAlchemy
+
+from common.models import Base
+
+db = SQLAlchemy(model_class=Base)
+migrate = Migrate()
+jwt = JWTManager()
+limiter = Limiter(key_func=get_remote_address, default_limits=[], headers_enabled=True)

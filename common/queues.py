@@ -1,0 +1,60 @@
+"""Task names, queues and the Celery configuration both the web and the workers use."""
+from __future__ import annotations
+
+from celery import Celery
+
+from common.config import Settings
+
+PREDICTIONS_QUEUE = "predictions"
+BATCHES_QUEUE = "batches"
+MAINTENANCE_QUEUE = "maintenance"
+
+RUN_PREDICTION = "inferq.predictions.run"
+PLAN_BATCH = "inferq.batches.plan"
+SCORE_CHUNK = "inferq.batches.score_chunk"
+FINISH_BATCH = "inferq.batches.finish"
+RECONCILE_JOBS = "inferq.maintenance.reconcile_jobs"
+PURGE_RESULTS = "inferq.maintenance.purge_results"
+
+TASK_ROUTES = {
+    RUN_PREDICTION: {"queue": PREDICTIONS_QUEUE},
+    PLAN_BATCH: {"queue": BATCHES_QUEUE},
+    SCORE_CHUNK: {"queue": BATCHES_QUEUE},
+    FINISH_BATCH: {"queue": BATCHES_QUEUE},
+    RECONCILE_JOBS: {"queue": MAINTENANCE_QUEUE},
+    PURGE_RESULTS: {"queue": MAINTENANCE_QUEUE},
+}
+ALL_QUEUES = (PREDICTIONS_QUEUE, BATCHES_QUEUE, MAINTENANCE_QUEUE)
+
+
+def celery_config(settings: Settings) -> dict:
+    """JSON only, late acks, one message prefetched: a killed worker loses no job."""
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.broker_visibility_timeout},
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.job_soft_time_limit,
+        "task_time_limit": settings.job_hard_time_limit,
+        "task_routes": TASK_ROUTES,
+        "task_default_queue": PREDICTIONS_QUEUE,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "beat_schedule": {
+            "reconcile-jobs": {"task": RECONCILE_JOBS, "schedule": settings.reconcile_interval_seconds},
+            "purge-results": {"task": PURGE_RESULTS, "schedule": 3600.0},
+        },
+    }
+
+
+def create_celery(settings: Settings, name: str = "inferq") -> Celery:
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app

@@ -1,0 +1,82 @@
+"""The Flask application factory: settings, extensions, blueprints, error handlers."""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import redis
+from flask import Flask
+
+from common.config import Settings
+from common.extensions import db, jwt, limiter, migrate
+from common.queues import create_celery
+from web.errors import InferQApi, register_error_handlers
+from web.security import register_jwt_callbacks
+
+api = InferQApi()
+
+
+def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
+    """Build the web app from `settings` (default: the environment)."""
+    settings = settings or Settings.from_env(**overrides)
+    app = Flask(__name__)
+    app.config.from_mapping(flask_config(settings))
+    app.extensions["settings"] = settings
+    register_extensions(app, settings)
+    register_blueprints(app)
+    register_error_handlers(app)
+    return app
+
+
+def flask_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "SECRET_KEY": settings.secret_key,
+        "SQLALCHEMY_DATABASE_URI": settings.database_url,
+        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        "MAX_CONTENT_LENGTH": settings.max_json_bytes,
+        "JWT_SECRET_KEY": settings.secret_key,
+        "JWT_ACCESS_TOKEN_EXPIRES": timedelta(minutes=settings.access_token_minutes),
+        "JWT_REFRESH_TOKEN_EXPIRES": timedelta(days=settings.refresh_token_days),
+        "JWT_ALGORITHM": "HS256",
+        "JWT_DECODE_ALGORITHMS": ["HS256"],
+        "RATELIMIT_STORAGE_URI": settings.redis_url,
+        "RATELIMIT_HEADERS_ENABLED": True,
+        "LOGIN_RATE_LIMIT": settings.login_rate_limit,
+        "API_TITLE": "InferQ",
+        "API_VERSION": "v1",
+        "OPENAPI_VERSION": "3.0.3",
+        "OPENAPI_URL_PREFIX": "/api/v1",
+        "OPENAPI_JSON_PATH": "openapi.json",
+        "OPENAPI_SWAGGER_UI_PATH": "docs",
+        "OPENAPI_SWAGGER_UI_URL": "https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+    }
+
+
+def register_extensions(app: Flask, settings: Settings) -> None:
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(_migrations_dir()))
+    jwt.init_app(app)
+    register_jwt_callbacks(app)
+    limiter.init_app(app)
+    api.init_app(app, spec_kwargs={"components": {"securitySchemes": SECURITY_SCHEMES}})
+    app.extensions["redis"] = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    app.extensions["celery"] = create_celery(settings, "inferq-web")
+
+
+SECURITY_SCHEMES = {
+    "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+
+
+def register_blueprints(app: Flask) -> None:
+    from web.api import auth, health
+
+    api.register_blueprint(auth.blp, url_prefix="/api/v1/auth")
+    app.register_blueprint(health.bp)
+
+
+def _migrations_dir():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "migrations"

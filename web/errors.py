@@ -1,0 +1,94 @@
+"""One error shape for every failure: {"error": {"code", "message", "details"}}."""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import marshmallow as ma
+from flask import Flask, jsonify
+from flask_smorest import Api
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error the client can act on; raised from handlers and rendered as JSON."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.details = details or {}
+        self.headers = headers or {}
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, "not_found", f"{what} not found")
+
+
+class ErrorBodySchema(ma.Schema):
+    code = ma.fields.String(required=True)
+    message = ma.fields.String(required=True)
+    details = ma.fields.Dict()
+
+
+class ErrorSchema(ma.Schema):
+    error = ma.fields.Nested(ErrorBodySchema, required=True)
+
+
+def error_response(status: int, code: str, message: str, details: dict | None = None,
+                   headers: dict[str, str] | None = None):
+    body = {"error": {"code": code, "message": message, "details": details or {}}}
+    return jsonify(body), status, headers or {}
+
+
+def _code_for(exc: HTTPException) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", (exc.name or "error").lower()).strip("_")
+
+
+def _validation_message(messages: dict) -> str:
+    """Turn webargs' {location: {field: [msg]}} into one readable sentence."""
+    parts = []
+    for location, fields in messages.items():
+        if isinstance(fields, dict):
+            parts += [f"{name}: {' '.join(map(str, msgs)) if isinstance(msgs, list) else msgs}"
+                      for name, msgs in fields.items()]
+        else:
+            parts.append(f"{location}: {fields}")
+    return "Invalid request. " + "; ".join(parts)
+
+
+class InferQApi(Api):
+    """flask-smorest's Api, answering every HTTP error in InferQ's JSON shape."""
+
+    ERROR_SCHEMA = ErrorSchema
+
+    def handle_http_exception(self, error: HTTPException):
+        data = getattr(error, "data", None) or {}
+        if error.code == 422 and "messages" in data:
+            return error_response(422, "validation_error", _validation_message(data["messages"]),
+                                  {"fields": data["messages"]})
+        if error.code == 400 and "messages" in data:
+            return error_response(400, "bad_request", "The request body is not valid JSON")
+        message = data.get("message") or error.description or error.name
+        if error.code == 413:
+            message = "The request body is larger than this endpoint accepts"
+        headers = dict(data.get("headers") or {})
+        if error.code == 429:
+            message = f"Too many requests: limit is {error.description}"
+        return error_response(error.code or 500, _code_for(error), message, headers=headers)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """ApiError and unexpected exceptions become JSON; a traceback is logged, never sent."""
+
+    @app.errorhandler(ApiError)
+    def handle_api_error(exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "An internal error occurred; it has been logged")
