@@ -139,6 +139,7 @@ FINAL_STATUSES = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 class PredictionJob(Base):
     __tablename__ = "prediction_jobs"
+    __mapper_args__ = {"eager_defaults": True}
     __table_args__ = (
         UniqueConstraint("owner_id", "idempotency_key", name="uq_prediction_jobs_owner_idempotency_key"),
         Index("ix_prediction_jobs_owner_created", "owner_id", "created_at"),
@@ -157,8 +158,8 @@ class PredictionJob(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_id: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, server_default=func.now())
-    enqueued_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # every job timestamp comes from the database clock, so timings never mix two machines' clocks
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.clock_timestamp())
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
     queue_ms: Mapped[float | None] = mapped_column(Float)

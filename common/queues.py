@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from celery import Celery
+from kombu import Exchange, Queue
 
 from common.config import Settings
 
@@ -25,6 +26,9 @@ TASK_ROUTES = {
     PURGE_RESULTS: {"queue": MAINTENANCE_QUEUE},
 }
 ALL_QUEUES = (PREDICTIONS_QUEUE, BATCHES_QUEUE, MAINTENANCE_QUEUE)
+# The default (nameless) exchange routes by queue name alone, so publishing keeps working after
+# Redis loses kombu's binding tables (a restart without persistence, a FLUSHDB).
+TASK_QUEUES = [Queue(name, Exchange("", type="direct"), routing_key=name) for name in ALL_QUEUES]
 
 
 def celery_config(settings: Settings) -> dict:
@@ -43,6 +47,7 @@ def celery_config(settings: Settings) -> dict:
         "worker_prefetch_multiplier": 1,
         "task_soft_time_limit": settings.job_soft_time_limit,
         "task_time_limit": settings.job_hard_time_limit,
+        "task_queues": TASK_QUEUES,
         "task_routes": TASK_ROUTES,
         "task_default_queue": PREDICTIONS_QUEUE,
         "worker_send_task_events": True,
@@ -58,3 +63,8 @@ def create_celery(settings: Settings, name: str = "inferq") -> Celery:
     app = Celery(name)
     app.conf.update(celery_config(settings))
     return app
+
+
+def job_done_channel(job_id: str) -> str:
+    """Redis pub/sub channel a worker publishes on when a job ends; `?wait` listens to it."""
+    return f"inferq:job-done:{job_id}"

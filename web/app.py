@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -10,10 +11,12 @@ from flask import Flask
 from common.config import Settings
 from common.extensions import db, jwt, limiter, migrate
 from common.queues import create_celery
+from common.storage import ArtifactStore
 from web.errors import InferQApi, register_error_handlers
 from web.security import register_jwt_callbacks
 
 api = InferQApi()
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
@@ -54,13 +57,14 @@ def flask_config(settings: Settings) -> dict[str, Any]:
 
 def register_extensions(app: Flask, settings: Settings) -> None:
     db.init_app(app)
-    migrate.init_app(app, db, directory=str(_migrations_dir()))
+    migrate.init_app(app, db, directory=str(MIGRATIONS_DIR))
     jwt.init_app(app)
     register_jwt_callbacks(app)
     limiter.init_app(app)
     api.init_app(app, spec_kwargs={"components": {"securitySchemes": SECURITY_SCHEMES}})
     app.extensions["redis"] = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
     app.extensions["celery"] = create_celery(settings, "inferq-web")
+    app.extensions["artifact_store"] = ArtifactStore(settings.storage_root)
 
 
 SECURITY_SCHEMES = {
@@ -70,13 +74,9 @@ SECURITY_SCHEMES = {
 
 
 def register_blueprints(app: Flask) -> None:
-    from web.api import auth, health
+    from web.api import auth, health, jobs, models
 
     api.register_blueprint(auth.blp, url_prefix="/api/v1/auth")
+    api.register_blueprint(models.blp, url_prefix="/api/v1/models")
+    api.register_blueprint(jobs.blp, url_prefix="/api/v1")
     app.register_blueprint(health.bp)
-
-
-def _migrations_dir():
-    from pathlib import Path
-
-    return Path(__file__).resolve().parent.parent / "migrations"

@@ -1,0 +1,41 @@
+# The two commands: `make run` and `make test`. Both set everything up on a machine with only Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+export FLASK_APP := web.app:create_app
+# Embedded PostgreSQL/Redis under var/ unless DATABASE_URL/REDIS_URL are given.
+SERVICES := eval "$$($(BIN)/python -m scripts.dev_services up)"
+FLOWER_BASIC_AUTH ?= admin:inferq-dev
+export FLOWER_BASIC_AUTH
+
+.PHONY: install run test migrate services-down bench bench-quick clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+migrate: install
+	@$(SERVICES) && flask db upgrade
+
+run: install
+	@mkdir -p var
+	@$(SERVICES) && flask db upgrade && \
+	  echo "InferQ API:   http://$${WEB_HOST:-127.0.0.1}:$${WEB_PORT:-8000}/api/v1/docs" && \
+	  echo "Flower:       http://$${FLOWER_HOST:-127.0.0.1}:$${FLOWER_PORT:-5555}  (basic auth $$FLOWER_BASIC_AUTH)" && \
+	  echo "Metrics:      http://$${WEB_HOST:-127.0.0.1}:$${WEB_PORT:-8000}/metrics" && \
+	  exec honcho start -f Procfile web worker beat flower
+
+test: install
+	@mkdir -p var
+	@$(SERVICES) && python -m pytest $(PYTEST_ARGS)
+
+services-down:
+	$(BIN)/python -m scripts.dev_services down
+
+clean: services-down
+	rm -rf var $(VENV)

@@ -1,0 +1,72 @@
+"""Faults lose nothing: killed workers, a flushed Redis, a model that crashes its worker, duplicate messages."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+from sqlalchemy import func, select
+
+from common.queues import RECONCILE_JOBS, RUN_PREDICTION
+from tests.conftest import upload
+from tests.worker.test_jobs import submit, wait_job
+
+ROW = [[5.0, 3.0, 1.5, 0.2]]
+
+
+def _running_child(workers, job_id: str, client, headers, timeout=20.0) -> int:
+    """The pid of the worker child that holds `job_id`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/v1/jobs/{job_id}", headers=headers).json
+        if job["status"] == "running" and job["worker"]:
+            return int(job["worker"].rsplit(":", 1)[1])
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never started: {job}")
+
+
+def test_worker_child_killed_mid_job_still_succeeds_exactly_once(client, user, workers, iris_model):
+    version = upload(client, user["headers"], iris_model[0], name="fault-slow-2")
+    job = submit(client, user["headers"], version["id"], ROW).json
+    pid = _running_child(workers, job["id"], client, user["headers"])
+    os.kill(pid, signal.SIGKILL)
+    done = wait_job(client, user["headers"], job["id"], seconds=60)
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    assert int(done["worker"].rsplit(":", 1)[1]) != pid
+    assert done["result"]["predictions"] == iris_model[0].predict(ROW).tolist()
+
+
+def test_duplicate_message_writes_nothing_twice(client, app, user, workers, iris_model):
+    version = upload(client, user["headers"], iris_model[0], name="dup")
+    job = submit(client, user["headers"], version["id"], ROW, wait=20).json
+    app.extensions["celery"].send_task(RUN_PREDICTION, args=[job["id"]])
+    time.sleep(2)
+    again = client.get(f"/api/v1/jobs/{job['id']}", headers=user["headers"]).json
+    assert again == job
+
+
+def test_flushed_redis_loses_no_queued_job(client, app, user, workers, iris_model, redis_conn):
+    version = upload(client, user["headers"], iris_model[0], name="fault-slow-0.3")
+    # pause consumption so the messages are still in Redis when it is flushed
+    app.extensions["celery"].control.cancel_consumer("predictions", reply=True)
+    try:
+        jobs = [submit(client, user["headers"], version["id"], ROW).json["id"] for _ in range(6)]
+        redis_conn.flushdb()
+    finally:
+        app.extensions["celery"].control.add_consumer("predictions", reply=True)
+    time.sleep(4.5)  # past JOB_STUCK_SECONDS
+    app.extensions["celery"].send_task(RECONCILE_JOBS)
+    finished = [wait_job(client, user["headers"], job_id, seconds=60) for job_id in jobs]
+    assert [j["status"] for j in finished] == ["succeeded"] * 6
+
+
+def test_model_that_kills_its_worker_fails_after_the_attempt_cap(client, user, workers, iris_model, settings):
+    crasher = upload(client, user["headers"], iris_model[0], name="fault-crash")
+    healthy = upload(client, user["headers"], iris_model[0], name="healthy")
+    job = submit(client, user["headers"], crasher["id"], ROW).json
+    done = wait_job(client, user["headers"], job["id"], seconds=120)
+    assert done["status"] == "failed" and done["error"]["code"] == "attempts_exhausted"
+    assert done["attempts"] == settings.job_max_attempts + 1  # the final claim only records the failure
+    ok = submit(client, user["headers"], healthy["id"], ROW, wait=20).json
+    assert ok["status"] == "succeeded"

@@ -1,0 +1,124 @@
+"""Prediction jobs end to end: the API, real Redis, real Celery worker processes, PostgreSQL."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_breast_cancer, load_iris
+from sklearn.linear_model import LogisticRegression, Ridge
+
+from common.queues import RECONCILE_JOBS
+from tests.conftest import upload
+
+
+def wait_job(client, headers, job_id, seconds=30.0) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/v1/jobs/{job_id}?wait=5", headers=headers).json
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+    raise AssertionError(f"job {job_id} did not finish in {seconds}s: {job}")
+
+
+def submit(client, headers, model, instances, **kwargs):
+    query = "?" + "&".join(f"{k}={v}" for k, v in kwargs.items()) if kwargs else ""
+    return client.post(f"/api/v1/predict/{model}{query}", headers=headers, json={"instances": instances})
+
+
+@pytest.fixture
+def iris_version(client, user, iris_model) -> dict:
+    return upload(client, user["headers"], iris_model[0], name="iris")
+
+
+def test_submit_wait_returns_predictions_probabilities_and_timings(client, user, workers, iris_model, iris_version):
+    model, X = iris_model
+    response = submit(client, user["headers"], iris_version["id"], X[:3].tolist(), wait=20)
+    assert response.status_code == 200, response.json
+    job = response.json
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+    assert job["result"]["predictions"] == model.predict(X[:3]).tolist()
+    np.testing.assert_allclose(job["result"]["probabilities"], model.predict_proba(X[:3]), rtol=1e-6)
+    assert job["result"]["classes"] == [0, 1, 2]
+    assert set(job["timings"]) == {"queue_ms", "load_ms", "inference_ms", "total_ms"}
+    assert job["timings"]["total_ms"] >= job["timings"]["queue_ms"] >= 0
+    assert job["worker"] and job["started_at"] and job["finished_at"]
+
+
+def test_submit_without_wait_is_202_and_poll_finds_the_result(client, user, workers, iris_model, iris_version):
+    response = submit(client, user["headers"], iris_version["id"], iris_model[1][:1].tolist())
+    assert response.status_code == 202
+    assert response.headers["Location"].endswith(response.json["id"]) and response.json["url"]
+    assert wait_job(client, user["headers"], response.json["id"])["status"] == "succeeded"
+
+
+def test_first_job_loads_the_model_and_the_next_hits_the_cache(client, user, workers, iris_model):
+    version = upload(client, user["headers"], iris_model[0], name="cold-warm")
+    # one worker child has to see both jobs for the second to be a hit: submit until a repeat
+    jobs = [submit(client, user["headers"], version["id"], [[5.0, 3.0, 1.5, 0.2]], wait=20).json for _ in range(12)]
+    first = jobs[0]
+    assert first["cache_hit"] is False and first["timings"]["load_ms"] > 0
+    hits = [j for j in jobs if j["cache_hit"]]
+    assert hits and all(j["timings"]["load_ms"] == 0 for j in hits)
+    by_worker = {}
+    for job in jobs:
+        by_worker.setdefault(job["worker"], []).append(job["cache_hit"])
+    assert all(seen[0] is False and all(seen[1:]) for seen in by_worker.values())
+
+
+def test_reference_resolution_pins_the_version(client, user, workers, iris_model):
+    X, y = load_iris(return_X_y=True)
+    v1 = upload(client, user["headers"], iris_model[0], name="pinned")
+    v2 = upload(client, user["headers"], LogisticRegression(max_iter=500, C=0.01).fit(X, y), name="pinned")
+    client.put("/api/v1/models/by-name/pinned/aliases/production", headers=user["headers"], json={"version": 1})
+    job = submit(client, user["headers"], "pinned@production", X[:1].tolist()).json
+    client.put("/api/v1/models/by-name/pinned/aliases/production", headers=user["headers"], json={"version": 2})
+    assert job["model_id"] == v1["id"]
+    assert wait_job(client, user["headers"], job["id"])["model_id"] == v1["id"]
+    assert submit(client, user["headers"], "pinned@latest", X[:1].tolist()).json["model_id"] == v2["id"]
+    assert submit(client, user["headers"], "pinned@v1", X[:1].tolist()).json["model_id"] == v1["id"]
+
+
+def test_named_features_are_ordered_by_the_model(client, user, workers):
+    import pandas as pd
+
+    data = load_breast_cancer(as_frame=True)
+    frame = data.frame.drop(columns="target").iloc[:, :4]
+    model = LogisticRegression(max_iter=2000).fit(frame, data.target)
+    version = upload(client, user["headers"], model, name="named")
+    row = frame.iloc[0].to_dict()
+    shuffled = dict(reversed(list(row.items())))
+    job = submit(client, user["headers"], version["id"], [shuffled], wait=20).json
+    assert job["result"]["predictions"] == model.predict(pd.DataFrame([row])).tolist()
+
+
+def test_other_users_jobs_and_models_are_not_found(client, user, other_user, workers, iris_version):
+    job = submit(client, user["headers"], iris_version["id"], [[5.0, 3.0, 1.5, 0.2]], wait=20).json
+    assert client.get(f"/api/v1/jobs/{job['id']}", headers=other_user["headers"]).status_code == 404
+    assert client.delete(f"/api/v1/jobs/{job['id']}", headers=other_user["headers"]).status_code == 404
+    assert submit(client, other_user["headers"], iris_version["id"], [[1, 2, 3, 4]]).status_code == 404
+    assert submit(client, other_user["headers"], "iris@latest", [[1, 2, 3, 4]]).status_code == 404
+    assert client.get("/api/v1/jobs", headers=other_user["headers"]).json["total"] == 0
+
+
+def test_prediction_error_fails_the_job_with_a_reason_not_a_traceback(client, user, workers):
+    X, y = load_iris(return_X_y=True)
+    version = upload(client, user["headers"], LogisticRegression(max_iter=500).fit(X, y), name="nan-intolerant")
+    job = submit(client, user["headers"], version["id"], [[None, 1.0, 1.0, 1.0]], wait=20).json
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "prediction_error" and "NaN" in job["error"]["message"]
+    assert "Traceback" not in job["error"]["message"]
+
+
+def test_regressor_has_no_probabilities(client, user, workers):
+    from sklearn.datasets import load_diabetes
+
+    X, y = load_diabetes(return_X_y=True)
+    model = Ridge().fit(X, y)
+    version = upload(client, user["headers"], model, name="ridge")
+    job = submit(client, user["headers"], version["id"], X[:2].tolist(), wait=20).json
+    np.testing.assert_allclose(job["result"]["predictions"], model.predict(X[:2]))
+    assert "probabilities" not in job["result"]

@@ -1,0 +1,199 @@
+"""Prediction jobs: submit against a model, poll or wait for the result, list and cancel."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import marshmallow as ma
+from flask import current_app, request, url_for
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from common.extensions import db
+from common.models import FINAL_STATUSES, JobStatus, PredictionJob
+from common.queues import RUN_PREDICTION, job_done_channel
+from web.errors import ApiError, not_found
+from web.instances import validate_instances
+from web.registry import require_servable, resolve_reference
+from web.security import auth_required, current_user, redis_client
+
+blp = Blueprint("jobs", __name__, description="Asynchronous prediction jobs")
+STATUSES = [s.value for s in JobStatus]
+
+
+class InstancesField(ma.fields.List):
+    """A list of rows: arrays of values, or objects of named features."""
+
+    def __init__(self, **kwargs):
+        super().__init__(ma.fields.Raw(), **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        rows = super()._deserialize(value, attr, data, **kwargs)
+        if any(not isinstance(row, (list, dict)) for row in rows):
+            raise ma.ValidationError("each instance must be an array of values or an object of named features")
+        return rows
+
+
+class PredictRequestSchema(ma.Schema):
+    instances = InstancesField(required=True)
+
+
+class WaitQuerySchema(ma.Schema):
+    wait = ma.fields.Float(load_default=0.0, validate=ma.validate.Range(min=0, max=300),
+                           metadata={"description": "seconds to wait for the result (capped by MAX_WAIT_SECONDS)"})
+
+
+class JobQuerySchema(ma.Schema):
+    page = ma.fields.Integer(load_default=1, validate=ma.validate.Range(min=1, max=100_000))
+    per_page = ma.fields.Integer(load_default=20, validate=ma.validate.Range(min=1, max=100))
+    model_id = ma.fields.UUID()
+    status = ma.fields.String(validate=ma.validate.OneOf(STATUSES))
+
+
+class TimingsSchema(ma.Schema):
+    queue_ms = ma.fields.Float(allow_none=True)
+    load_ms = ma.fields.Float(allow_none=True)
+    inference_ms = ma.fields.Float(allow_none=True)
+    total_ms = ma.fields.Float(allow_none=True)
+
+
+class JobSchema(ma.Schema):
+    id = ma.fields.UUID()
+    model_id = ma.fields.UUID(attribute="model_version_id")
+    status = ma.fields.Function(lambda j: j.status.value)
+    url = ma.fields.Function(lambda j: url_for("jobs.JobDetail", job_id=j.id))
+    result = ma.fields.Dict(allow_none=True)
+    error = ma.fields.Dict(allow_none=True)
+    timings = ma.fields.Function(lambda j: TimingsSchema().dump(j))
+    cache_hit = ma.fields.Boolean(allow_none=True)
+    worker = ma.fields.String(allow_none=True)
+    attempts = ma.fields.Integer()
+    created_at = ma.fields.DateTime()
+    started_at = ma.fields.DateTime(allow_none=True)
+    finished_at = ma.fields.DateTime(allow_none=True)
+
+
+class JobPageSchema(ma.Schema):
+    items = ma.fields.List(ma.fields.Nested(JobSchema))
+    page = ma.fields.Integer()
+    per_page = ma.fields.Integer()
+    total = ma.fields.Integer()
+
+
+def _get_job(job_id: uuid.UUID) -> PredictionJob:
+    job = db.session.get(PredictionJob, job_id)
+    if job is None or job.owner_id != current_user().id:
+        raise not_found("Job")
+    return job
+
+
+def _existing_for_key(key: str) -> PredictionJob | None:
+    return db.session.scalar(select(PredictionJob).where(
+        PredictionJob.owner_id == current_user().id, PredictionJob.idempotency_key == key))
+
+
+def _insert_job(model_id: uuid.UUID, rows: list, key: str | None) -> tuple[PredictionJob, bool]:
+    """Commit the job row (before any message exists); (job, created)."""
+    job = PredictionJob(owner_id=current_user().id, model_version_id=model_id, instances=rows,
+                        idempotency_key=key, request_id=request.headers.get("X-Request-ID"))
+    db.session.add(job)
+    try:
+        db.session.commit()
+        return job, True
+    except IntegrityError:
+        db.session.rollback()
+        existing = _existing_for_key(key) if key else None
+        if existing is None:
+            raise
+        return existing, False
+
+
+def _wait_for(job: PredictionJob, seconds: float) -> PredictionJob:
+    """Block until the worker announces the job's end on pub/sub, or `seconds` pass."""
+    seconds = min(seconds, current_app.extensions["settings"].max_wait_seconds)
+    if seconds <= 0 or job.status in FINAL_STATUSES:
+        return job
+    pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe(job_done_channel(str(job.id)))
+        db.session.refresh(job)  # it may have finished before we subscribed
+        deadline = time.monotonic() + seconds
+        while job.status not in FINAL_STATUSES and (left := deadline - time.monotonic()) > 0:
+            if pubsub.get_message(timeout=left):
+                db.session.refresh(job)
+    finally:
+        pubsub.close()
+    return job
+
+
+def _answer(job: PredictionJob):
+    status = 200 if job.status in FINAL_STATUSES else 202
+    return job, status, {"Location": url_for("jobs.JobDetail", job_id=job.id)}
+
+
+@blp.route("/predict/<string:model_ref>", methods=["POST"])
+@blp.arguments(PredictRequestSchema)
+@blp.arguments(WaitQuerySchema, location="query")
+@blp.response(202, JobSchema)
+@blp.alt_response(200, schema=JobSchema, description="The finished job, when it ended within `wait` seconds")
+@auth_required
+def predict(body: dict, query: dict, model_ref: str):
+    """Submit a prediction job against a model id or reference (name@alias, name@v3, name@latest)."""
+    key = request.headers.get("Idempotency-Key")
+    if key and len(key) > 255:
+        raise ApiError(422, "invalid_idempotency_key", "Idempotency-Key must be at most 255 characters")
+    if key and (existing := _existing_for_key(key)):
+        return _answer(_wait_for(existing, query["wait"]))
+    model = resolve_reference(current_user().id, model_ref)
+    require_servable(model)
+    limit = current_app.extensions["settings"].max_instances_per_job
+    rows = validate_instances(model, body["instances"], limit)
+    job, created = _insert_job(model.id, rows, key)
+    if created:
+        current_app.extensions["celery"].send_task(RUN_PREDICTION, args=[str(job.id)])
+    return _answer(_wait_for(job, query["wait"]))
+
+
+@blp.route("/jobs")
+class Jobs(MethodView):
+    @blp.arguments(JobQuerySchema, location="query")
+    @blp.response(200, JobPageSchema)
+    @auth_required
+    def get(self, query: dict):
+        """List your jobs, newest first."""
+        filters = [PredictionJob.owner_id == current_user().id]
+        if query.get("model_id"):
+            filters.append(PredictionJob.model_version_id == query["model_id"])
+        if query.get("status"):
+            filters.append(PredictionJob.status == JobStatus(query["status"]))
+        total = db.session.scalar(select(func.count()).select_from(PredictionJob).where(*filters))
+        items = db.session.scalars(select(PredictionJob).where(*filters).order_by(PredictionJob.created_at.desc())
+                                   .offset((query["page"] - 1) * query["per_page"]).limit(query["per_page"])).all()
+        return {"items": items, "page": query["page"], "per_page": query["per_page"], "total": total}
+
+
+@blp.route("/jobs/<uuid:job_id>")
+class JobDetail(MethodView):
+    @blp.arguments(WaitQuerySchema, location="query")
+    @blp.response(200, JobSchema)
+    @auth_required
+    def get(self, query: dict, job_id: uuid.UUID):
+        """A job's status, result, error and timings; `wait` long-polls until it ends."""
+        return _wait_for(_get_job(job_id), query["wait"])
+
+    @blp.response(200, JobSchema)
+    @blp.alt_response(409, description="The job is already running or finished")
+    @auth_required
+    def delete(self, job_id: uuid.UUID):
+        """Cancel a queued job; a worker that receives it later skips it."""
+        job = _get_job(job_id)
+        cancelled = db.session.execute(
+            update(PredictionJob).where(PredictionJob.id == job.id, PredictionJob.status == JobStatus.queued)
+            .values(status=JobStatus.cancelled, finished_at=func.clock_timestamp())).rowcount
+        db.session.commit()
+        db.session.refresh(job)
+        if not cancelled:
+            raise ApiError(409, "not_cancellable", f"The job is {job.status.value} and can no longer be cancelled")
+        return job
