@@ -1,0 +1,788 @@
+"""The columnar data path of batch scoring: plan chunks, score a chunk, assemble the output.
+
+Chunking strategy: the planner converts the upload once into an uncompressed Arrow IPC
+file ("staged" file) and chunks are plain row ranges of it. Measured on a 1M x 30 CSV
+(190 MB, 2 cores): pyarrow's streaming CSV reader with column types fixed from the first
+block parses it in ~1.2 s (letting it infer types for every block takes ~1.9 s, the
+multi-threaded whole-file `read_csv` ~1.45 s), writing the IPC file ~0.2 s (Parquet
+~0.6-0.8 s), and a chunk task then maps its rows in O(1) without parsing anything.
+Byte-range splitting would save the IPC write but must re-derive CSV quoting rules to
+find row boundaries and lets every chunk infer its own column types; here pyarrow's
+parser handles quoted newlines and every chunk sees one schema. The staged file (and the
+chunk outputs) must live where every worker can read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.ipc as ipc
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from common.tabular import (
+    CSV_BLOCK_SIZE,
+    FORMATS,
+    MAX_LINE_BYTES,
+    TabularError,
+    check_column_names,
+    csv_options,
+    shorten,
+)
+
+ERROR_POLICIES = ("skip", "fail_fast")
+MAX_ROW_ERRORS = 20
+STAGED_NAME = "staged.arrow"
+# staged-file metadata: text columns whose values are meant as numbers (see _TypePlan)
+NUMERIC_TEXT_KEY = b"inferq.numeric_text_columns"
+_PANDAS_JSON_ROWS = 50_000
+_PARQUET_BATCH_ROWS = 64 * 1024
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class BatchOptions:
+    """What a batch job's output holds and how it treats bad rows."""
+
+    include_input: bool = False
+    probabilities: bool = True
+    id_column: str | None = None
+    error_policy: str = "skip"  # or "fail_fast"
+
+    def __post_init__(self) -> None:
+        if self.error_policy not in ERROR_POLICIES:
+            raise TabularError(f"error_policy must be one of {', '.join(ERROR_POLICIES)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BatchOptions:
+        """Build from a task payload, ignoring keys this version does not know."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ChunkSpec:
+    """Rows [row_start, row_end) (0-based) of the upload, read from the staged file."""
+
+    index: int
+    row_start: int
+    row_end: int
+    staged: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.row_end - self.row_start
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChunkSpec:
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RowError:
+    """Why one row has no prediction; `row` is its 1-based data row number in the upload."""
+
+    row: int
+    column: str | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ChunkResult:
+    """What scoring one chunk did: rows read, rows failed and the first few failures."""
+
+    rows: int
+    rows_failed: int
+    errors: list[RowError] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChunkResult:
+        errors = [RowError(**e) for e in data.get("errors", [])]
+        return cls(rows=data["rows"], rows_failed=data["rows_failed"], errors=errors)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class RowFailure(Exception):
+    """A bad row under the "fail_fast" policy."""
+
+    def __init__(self, row: int, column: str | None, reason: str) -> None:
+        where = f"row {row}" + (f", column {column!r}" if column else "")
+        super().__init__(f"{where}: {reason}")
+        self.row, self.column, self.reason = row, column, reason
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def plan_chunks(path: Path, fmt: str, rows_per_chunk: int, workdir: Path) -> tuple[int, list[ChunkSpec]]:
+    """Stage the upload in `workdir` and split it into chunks of `rows_per_chunk` rows."""
+    if rows_per_chunk < 1:
+        raise ValueError("rows_per_chunk must be positive")
+    if fmt not in FORMATS:
+        raise TabularError(f"unsupported format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    staged = workdir / STAGED_NAME
+    rows_total = _stage(Path(path), fmt, staged)
+    if rows_total == 0:
+        raise TabularError("the file has a header but no rows")
+    starts = range(0, rows_total, rows_per_chunk)
+    chunks = [
+        ChunkSpec(i, start, min(start + rows_per_chunk, rows_total), str(staged))
+        for i, start in enumerate(starts)
+    ]
+    return rows_total, chunks
+
+
+class _Conflict(Exception):
+    """A later block holds a value the column's planned type cannot take."""
+
+    def __init__(self, column: str, seen: pa.DataType | None = None) -> None:
+        super().__init__(column)
+        self.column, self.seen = column, seen
+
+
+class _NeedsPandas(Exception):
+    """pyarrow's JSON reader cannot read this file (a column mixes numbers and text)."""
+
+
+@dataclass
+class _TypePlan:
+    """Column types for the whole file, decided from its first block and widened on conflict.
+
+    Streaming readers fix the types after the first block; a later value that does not
+    fit (1.5 in an int column, "abc" in a float column) raises, and staging restarts with
+    that column widened: int -> float64 -> string. A number column widened to text is
+    remembered in `numeric_text` so scoring parses it and reports the bad cells by row.
+    """
+
+    types: dict[str, pa.DataType] = field(default_factory=dict)
+    numeric_text: set[str] = field(default_factory=set)
+    block_size: int = CSV_BLOCK_SIZE
+    use_pandas: bool = False
+
+    def widen(self, conflict: _Conflict) -> None:
+        old = self.types.get(conflict.column, pa.null())
+        if pa.types.is_null(old) and conflict.seen is not None:
+            new = conflict.seen
+        elif pa.types.is_integer(old) or pa.types.is_null(old):
+            new = pa.float64()
+        else:
+            new = pa.string()
+        if (pa.types.is_integer(old) or pa.types.is_floating(old)) and pa.types.is_string(new):
+            self.numeric_text.add(conflict.column)
+        self.types[conflict.column] = new
+
+    def schema(self) -> pa.Schema:
+        meta = {NUMERIC_TEXT_KEY: json.dumps(sorted(self.numeric_text)).encode()}
+        return pa.schema(list(self.types.items()), metadata=meta)
+
+
+def _stage(path: Path, fmt: str, staged: Path) -> int:
+    """Write the upload as one Arrow IPC file with a single schema; return its row count."""
+    plan = _TypePlan()
+    sources = {"csv": _csv_batches, "jsonl": _jsonl_batches, "parquet": _parquet_batches}
+    while True:
+        try:
+            return _write_staged(sources[fmt](path, plan), staged)
+        except _Conflict as conflict:
+            if len(plan.types) and plan.types.get(conflict.column) == pa.string():
+                raise TabularError(f"cannot read column {conflict.column!r}") from None
+            plan.widen(conflict)
+        except _NeedsPandas:
+            plan.use_pandas, plan.types, plan.numeric_text = True, {}, set()
+        except _BlockTooSmall:
+            if plan.block_size >= MAX_LINE_BYTES:
+                raise TabularError("a row is too long (over 64 MB)") from None
+            plan.block_size *= 4
+
+
+def _write_staged(source: tuple[pa.Schema, Iterator[pa.RecordBatch]], staged: Path) -> int:
+    schema, batches = source
+    check_column_names(schema.names)
+    tmp = _tmp_path(staged)
+    rows = 0
+    try:
+        with ipc.new_file(tmp, schema) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+        os.replace(tmp, staged)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows
+
+
+class _BlockTooSmall(Exception):
+    """One row does not fit into a reader block."""
+
+
+_CSV_COLUMN = re.compile(r"In CSV column #(\d+)")
+
+
+def _csv_batches(path: Path, plan: _TypePlan) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    read, parse, convert = csv_options(path)
+    read.block_size = plan.block_size
+    if not plan.types:
+        _probe_csv(path, plan, read, parse, convert)
+    # explicit types parse ~35% faster than letting the reader infer them block by block
+    convert.column_types = plan.schema()
+    reader = _guard(lambda: pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert))
+    return plan.schema(), _checked(reader, lambda exc: _csv_problem(exc, plan))
+
+
+def _probe_csv(path: Path, plan: _TypePlan, read, parse, convert) -> None:
+    """Infer the column types from the first block, as pyarrow would for the whole file."""
+    try:
+        reader = pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        first = reader.read_next_batch()
+    except StopIteration:
+        raise TabularError("the file has a header but no rows") from None
+    except pa.ArrowInvalid as exc:
+        raise _csv_problem(exc, plan) from None
+    plan.types = dict(zip(reader.schema.names, reader.schema.types))
+    # a numeric column with a bad cell in the first block is inferred as text
+    for name, column in zip(first.schema.names, first.columns):
+        if pa.types.is_string(column.type) and _mostly_numbers(column):
+            plan.numeric_text.add(name)
+
+
+def _csv_problem(exc: pa.ArrowInvalid, plan: _TypePlan) -> Exception:
+    message = str(exc)
+    match = _CSV_COLUMN.search(message)
+    if "invalid UTF8" in message:
+        return TabularError("the file is not UTF-8 encoded text")
+    if match and "conversion error" in message:
+        return _Conflict(list(plan.types)[int(match.group(1))])
+    if "Empty CSV file" in message:
+        return TabularError("the file is empty")
+    if "straddling" in message:
+        return _BlockTooSmall()
+    return TabularError(f"the CSV file is malformed: {shorten(message)}")
+
+
+_JSON_NEW_TYPE = re.compile(r"Column\(/([^/)]*)\) changed from null to (number|string|boolean)")
+_JSON_TYPES = {"number": pa.float64(), "string": pa.string(), "boolean": pa.bool_()}
+
+
+def _jsonl_batches(path: Path, plan: _TypePlan) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    if plan.use_pandas:
+        return _jsonl_pandas_batches(path, plan)
+    read = pajson.ReadOptions(block_size=plan.block_size, use_threads=False)
+    if not plan.types:
+        probe = _guard(lambda: pajson.open_json(path, read_options=read), lambda e: _json_problem(e, plan))
+        plan.types = dict(zip(probe.schema.names, probe.schema.types))
+    read.use_threads = True
+    parse = pajson.ParseOptions(explicit_schema=plan.schema(), unexpected_field_behavior="error")
+    reader = _guard(lambda: pajson.open_json(path, read_options=read, parse_options=parse), lambda e: _json_problem(e, plan))
+    return plan.schema(), _checked(reader, lambda exc: _json_problem(exc, plan))
+
+
+def _json_problem(exc: pa.ArrowInvalid, plan: _TypePlan) -> Exception:
+    message = str(exc)
+    match = _JSON_NEW_TYPE.search(message)
+    if match and match.group(1) in plan.types:
+        return _Conflict(match.group(1), _JSON_TYPES[match.group(2)])
+    if "Column() changed from object" in message:
+        return TabularError("expected JSON Lines: one JSON object per line")
+    if "changed from" in message or "unexpected field" in message or "Failed to convert JSON" in message:
+        return _NeedsPandas()
+    if "straddling" in message:
+        return _BlockTooSmall()
+    if "Empty JSON file" in message or "empty" in message.lower() and not plan.types:
+        return TabularError("the file is empty")
+    return TabularError(f"not valid JSON Lines (one JSON object per line): {shorten(message)}")
+
+
+def _jsonl_pandas_batches(path: Path, plan: _TypePlan) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """Slow path for JSON Lines whose columns mix types, which pyarrow cannot read."""
+    try:
+        frames = pd.read_json(path, lines=True, chunksize=_PANDAS_JSON_ROWS, dtype=False, convert_dates=False)
+        first = next(iter(frames), None)
+    except ValueError as exc:
+        raise TabularError(f"not valid JSON Lines (one JSON object per line): {shorten(str(exc))}") from None
+    if first is None:
+        raise TabularError("the file is empty")
+    if not plan.types:
+        for name in first.columns:
+            plan.types[str(name)] = _inferred_type(first[name], name, plan)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for frame in _chain(first, frames):
+            yield _frame_to_batch(frame, plan)
+
+    return plan.schema(), batches()
+
+
+def _inferred_type(series: pd.Series, name: str, plan: _TypePlan) -> pa.DataType:
+    try:
+        return pa.array(series, from_pandas=True).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        numbers = series.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).sum()
+        if numbers * 2 > series.notna().sum():
+            plan.numeric_text.add(str(name))
+        return pa.string()
+
+
+def _frame_to_batch(frame: pd.DataFrame, plan: _TypePlan) -> pa.RecordBatch:
+    for name in frame.columns:
+        if str(name) not in plan.types:
+            raise _Conflict(str(name))  # a column first seen in a later chunk
+    arrays = []
+    for name, type_ in plan.types.items():
+        if name not in frame.columns:
+            arrays.append(pa.nulls(len(frame), type_))
+        elif pa.types.is_string(type_):
+            arrays.append(pa.array(_as_text(frame[name]), type=type_, from_pandas=True))
+        else:
+            try:
+                arrays.append(pa.array(frame[name], type=type_, from_pandas=True))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+                raise _Conflict(name) from None
+    return pa.RecordBatch.from_arrays(arrays, schema=plan.schema())
+
+
+def _as_text(series: pd.Series) -> pd.Series:
+    # only on the slow path: values of a mixed column, numbers kept as their JSON text
+    return series.map(lambda v: v if v is None or isinstance(v, str) or v != v else json.dumps(v))
+
+
+def _parquet_batches(path: Path, plan: _TypePlan) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    if path.stat().st_size == 0:
+        raise TabularError("the file is empty")
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise TabularError(f"not a readable Parquet file: {shorten(str(exc))}") from None
+    # re-batching a Parquet file is cheap and gives chunks the same O(1) access
+    schema = parquet.schema_arrow.with_metadata({NUMERIC_TEXT_KEY: b"[]"})
+    batches = (b.replace_schema_metadata(schema.metadata) for b in parquet.iter_batches(_PARQUET_BATCH_ROWS))
+    return schema, batches
+
+
+def _guard(open_reader: Callable[[], Any], problem: Callable[[pa.ArrowInvalid], Exception] | None = None) -> Any:
+    try:
+        return open_reader()
+    except pa.ArrowInvalid as exc:
+        if problem is None:
+            raise
+        raise problem(exc) from None
+
+
+def _checked(reader: Any, problem: Callable[[pa.ArrowInvalid], Exception]) -> Iterator[pa.RecordBatch]:
+    """Iterate a pyarrow reader, translating its errors into staging decisions."""
+    try:
+        yield from reader
+    except pa.ArrowInvalid as exc:
+        raise problem(exc) from None
+
+
+def _chain(first: Any, rest: Any) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def _mostly_numbers(column: pa.Array) -> bool:
+    """True when more non-null values of a text column parse as numbers than not."""
+    values = column.drop_null().to_pandas()
+    parsed = pd.to_numeric(values, errors="coerce").notna().sum()
+    return parsed > 0 and parsed * 2 > len(values)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score_chunk(
+    source: Path,
+    chunk: ChunkSpec,
+    model: Any,
+    features: list[str] | None,
+    n_features: int | None,
+    classes: list | None,
+    options: BatchOptions,
+    out_path: Path,
+) -> ChunkResult:
+    """Predict one chunk and write its output (Arrow IPC) atomically to `out_path`.
+
+    `source` is the staged file from `plan_chunks`; `chunk.staged`, when set, wins.
+    Row-level problems become null predictions with an `error` text ("skip") or a
+    RowFailure at the first bad row ("fail_fast").
+    """
+    table, numeric_text = _read_chunk(Path(chunk.staged or source), chunk)
+    names = _feature_columns(table.column_names, features, n_features or getattr(model, "n_features_in_", None), options.id_column)
+    matrix, failures = _feature_matrix(table, names, numeric_text, as_frame=features is not None)
+    want_proba = options.probabilities and hasattr(model, "predict_proba")
+    predictions, probabilities = _predict(model, matrix, failures, want_proba)
+    if options.error_policy == "fail_fast" and failures.count:
+        raise RowFailure(*failures.first(chunk.row_start))
+    labels = _class_labels(model, classes, probabilities)
+    output = _output_table(table, options, predictions, probabilities if want_proba else None, labels, failures, want_proba)
+    _write_ipc_atomic(output, Path(out_path))
+    return ChunkResult(table.num_rows, failures.count, failures.row_errors(chunk.row_start, MAX_ROW_ERRORS))
+
+
+def _read_chunk(path: Path, chunk: ChunkSpec) -> tuple[pa.Table, set[str]]:
+    try:
+        # memory-mapped and uncompressed: slicing the chunk reads only its pages
+        table = ipc.open_file(pa.memory_map(str(path))).read_all()
+    except pa.ArrowInvalid:
+        raise TabularError("score_chunk reads the staged file that plan_chunks writes") from None
+    if not 0 <= chunk.row_start <= chunk.row_end <= table.num_rows:
+        raise ValueError(f"chunk {chunk.index} rows {chunk.row_start}-{chunk.row_end} are outside the staged file")
+    meta = table.schema.metadata or {}
+    numeric_text = set(json.loads(meta.get(NUMERIC_TEXT_KEY, b"[]")))
+    return table.slice(chunk.row_start, chunk.rows), numeric_text
+
+
+def _feature_columns(columns: list[str], features: list[str] | None, n_features: int | None, id_column: str | None) -> list[str]:
+    """The input columns the model reads, by name or else by position."""
+    if id_column is not None and id_column not in columns:
+        raise TabularError(f"the id column {id_column!r} is not in the file")
+    if features is not None:
+        missing = [name for name in features if name not in columns]
+        if missing:
+            raise TabularError(f"the file lacks the model's feature columns: {', '.join(map(repr, missing))}")
+        return list(features)
+    if n_features is None:
+        raise ValueError("score_chunk needs features or n_features")
+    candidates = [name for name in columns if name != id_column]
+    if len(candidates) < n_features:
+        raise TabularError(f"the model takes {n_features} features but the file has {len(candidates)} columns")
+    return candidates[:n_features]
+
+
+class _Failures:
+    """Per-row failure reasons of one chunk; the first reason recorded for a row wins."""
+
+    def __init__(self, rows: int) -> None:
+        self.failed = np.zeros(rows, dtype=bool)
+        self.column = np.full(rows, None, dtype=object)
+        self.reason = np.full(rows, None, dtype=object)
+
+    @property
+    def count(self) -> int:
+        return int(self.failed.sum())
+
+    def add(self, rows: np.ndarray, column: Any, reason: Any) -> None:
+        """Mark `rows` (a mask) failed; `column` and `reason` are one text or one per marked row."""
+        fresh = rows & ~self.failed
+        if not fresh.any():
+            return
+        self.failed |= fresh
+        for target, value in ((self.column, column), (self.reason, reason)):
+            target[fresh] = value if isinstance(value, str) else np.asarray(value, dtype=object)[fresh[rows]]
+
+    def messages(self) -> pa.Array:
+        """The `error` column: "<column>: <reason>" for failed rows, null for the others."""
+        if not self.failed.any():
+            return pa.nulls(len(self.failed), pa.string())
+        text = np.full(len(self.failed), None, dtype=object)
+        text[self.failed] = self.column[self.failed] + ": " + self.reason[self.failed]
+        return pa.array(text, type=pa.string())
+
+    def first(self, row_start: int) -> tuple[int, str, str]:
+        i = int(np.argmax(self.failed))
+        return row_start + i + 1, self.column[i], self.reason[i]
+
+    def row_errors(self, row_start: int, limit: int) -> list[RowError]:
+        rows = np.flatnonzero(self.failed)[:limit]
+        return [RowError(row_start + int(i) + 1, self.column[i], self.reason[i]) for i in rows]
+
+
+def _feature_matrix(table: pa.Table, names: list[str], numeric_text: set[str], as_frame: bool) -> tuple[Any, _Failures]:
+    """Build the model input column by column (never row by row) and note unparseable cells."""
+    failures = _Failures(table.num_rows)
+    numeric = [n for n in names if _is_numeric(table.schema.field(n).type) or n in numeric_text or not as_frame]
+    block = np.empty((table.num_rows, len(numeric)), dtype=np.float64, order="F")
+    for j, name in enumerate(numeric):
+        _fill_numeric(block[:, j], table.column(name), name, failures)
+    if not as_frame:
+        return block, failures
+    if len(numeric) == len(names):
+        return pd.DataFrame(block, columns=names, copy=False), failures
+    position = {name: j for j, name in enumerate(numeric)}
+    columns = {n: block[:, position[n]] if n in position else _frame_column(table.column(n)) for n in names}
+    return pd.DataFrame(columns), failures
+
+
+def _is_numeric(type_: pa.DataType) -> bool:
+    if pa.types.is_dictionary(type_):
+        type_ = type_.value_type
+    return pa.types.is_integer(type_) or pa.types.is_floating(type_) or pa.types.is_boolean(type_) or pa.types.is_decimal(type_)
+
+
+def _fill_numeric(out: np.ndarray, column: pa.ChunkedArray, name: str, failures: _Failures) -> None:
+    """Write `column` as float64 into `out` (NaN where missing or not a number)."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        try:
+            column = pc.cast(column, pa.float64())
+        except pa.ArrowInvalid:
+            out[:] = _parse_numbers(column, name, failures)
+            return
+    elif not _is_numeric(column.type):
+        raise TabularError(f"column {name!r} holds {column.type} values, not numbers")
+    offset = 0
+    for piece in column.chunks:
+        if piece.type != pa.float64():
+            piece = pc.cast(piece, pa.float64(), safe=False)
+        out[offset : offset + len(piece)] = piece.to_numpy(zero_copy_only=False)
+        offset += len(piece)
+
+
+def _parse_numbers(column: pa.ChunkedArray, name: str, failures: _Failures) -> np.ndarray:
+    """Parse a text column leniently; a cell that is present but not a number fails its row."""
+    text = column.to_pandas()
+    values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.isnan(values) & text.notna().to_numpy()
+    shown = pa.array(text[bad].str.slice(0, 50), type=pa.string())
+    reasons = pc.binary_join_element_wise("'", shown, "' is not a number", "")
+    failures.add(bad, name, reasons.to_numpy(zero_copy_only=False))
+    return values
+
+
+def _frame_column(column: pa.ChunkedArray) -> pd.Series:
+    # pandas' own readers mark missing text as NaN, so fitted encoders expect NaN, not None
+    series = column.to_pandas()
+    return series.where(series.notna(), np.nan) if series.dtype == object else series
+
+
+def _predict(model: Any, matrix: Any, failures: _Failures, want_proba: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Predict the rows without failures; if the model rejects missing values, fail those rows."""
+    try:
+        return _predict_rows(model, matrix, ~failures.failed, want_proba)
+    except (ValueError, TypeError):
+        missing, infinite = _not_finite(matrix)
+        unusable = (missing | infinite) & ~failures.failed[:, None]
+        rows = unusable.any(axis=1)
+        if not rows.any():
+            raise
+        first = np.argmax(unusable, axis=1)[rows]
+        columns = np.asarray(_column_names(matrix), dtype=object)[first]
+        reasons = np.where(infinite[rows, first], "infinite value", "missing value")
+        failures.add(rows, columns, reasons)
+    return _predict_rows(model, matrix, ~failures.failed, want_proba)
+
+
+def _not_finite(matrix: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Masks (rows x features) of the missing and of the infinite cells."""
+    if not isinstance(matrix, pd.DataFrame):
+        return np.isnan(matrix), np.isinf(matrix)
+    missing = matrix.isna().to_numpy()
+    infinite = np.zeros_like(missing)
+    for j, (_, column) in enumerate(matrix.items()):
+        if column.dtype.kind == "f":
+            infinite[:, j] = np.isinf(column.to_numpy())
+    return missing, infinite
+
+
+def _predict_rows(model: Any, matrix: Any, rows: np.ndarray, want_proba: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if not rows.any():
+        return None, None
+    subset = matrix if rows.all() else matrix[rows]
+    predictions = np.asarray(model.predict(subset))
+    return predictions, (np.asarray(model.predict_proba(subset)) if want_proba else None)
+
+
+def _column_names(matrix: Any) -> list[str]:
+    return [str(c) for c in matrix.columns] if isinstance(matrix, pd.DataFrame) else [f"x{j}" for j in range(matrix.shape[1])]
+
+
+def _class_labels(model: Any, classes: list | None, probabilities: np.ndarray | None) -> list:
+    labels = list(classes) if classes is not None else list(getattr(model, "classes_", []))
+    if probabilities is not None and probabilities.shape[1] != len(labels):
+        raise ValueError(f"predict_proba gave {probabilities.shape[1]} columns for {len(labels)} classes")
+    return labels
+
+
+def _output_table(
+    table: pa.Table,
+    options: BatchOptions,
+    predictions: np.ndarray | None,
+    probabilities: np.ndarray | None,
+    labels: list,
+    failures: _Failures,
+    with_proba: bool,
+) -> pa.Table:
+    """id, input columns (optional), prediction, proba_<class>..., error."""
+    good = ~failures.failed
+    # a chunk whose rows all failed still types its prediction column like the others
+    label_type = pa.array(np.asarray(labels)).type if labels else pa.float64()
+    scored = {"prediction": _with_nulls(predictions, good, label_type)}
+    for j, label in enumerate(labels if with_proba else []):
+        scored[f"proba_{label}"] = _with_nulls(None if probabilities is None else probabilities[:, j], good, pa.float64())
+    scored["error"] = failures.messages()
+    passthrough = [options.id_column] if options.id_column else []
+    if options.include_input:
+        passthrough += [name for name in table.column_names if name != options.id_column]
+    columns = {}
+    for name in passthrough:
+        # an input column named like an output column keeps its data as "input_<name>"
+        new = name
+        while new in scored or new in columns or (new != name and new in passthrough):
+            new = f"input_{new}"
+        columns[new] = table.column(name)
+    return pa.table({**columns, **scored})
+
+
+def _with_nulls(values: np.ndarray | None, good: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """A full-chunk column: `values` at the good rows, null at the failed ones."""
+    if values is None:
+        return pa.nulls(len(good), type_)
+    if good.all():
+        return pa.array(values)
+    full = np.zeros(len(good), dtype=values.dtype) if values.dtype != object else np.full(len(good), None, dtype=object)
+    full[good] = values
+    return pa.array(full, mask=~good)
+
+
+def _write_ipc_atomic(table: pa.Table, out_path: Path) -> None:
+    """Write to a temporary file and rename, so a re-run chunk replaces its output whole."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(out_path)
+    try:
+        with ipc.new_file(tmp, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _tmp_path(path: Path) -> Path:
+    # unique per writer: two runs of one chunk never share a temporary file
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def assemble(chunk_outputs: list[Path], out_path: Path, fmt: str) -> None:
+    """Concatenate chunk outputs in order into one CSV / JSON Lines / Parquet file, atomically."""
+    if fmt not in FORMATS:
+        raise TabularError(f"unsupported format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not chunk_outputs:
+        raise ValueError("assemble needs at least one chunk output")
+    # a chunk whose rows all failed has null-typed columns; unify to the others' types
+    schemas = [_open_output(p).schema for p in chunk_outputs]
+    schema = pa.unify_schemas(schemas, promote_options="permissive").remove_metadata()
+    out_path = Path(out_path)
+    tmp = _tmp_path(out_path)
+    try:
+        with _OutputWriter(fmt, tmp, schema) as writer:
+            for path in chunk_outputs:
+                writer.write(_open_output(path).read_all().select(schema.names).cast(schema))
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _open_output(path: Path) -> ipc.RecordBatchFileReader:
+    return ipc.open_file(pa.memory_map(str(path)))
+
+
+class _OutputWriter:
+    """Streams tables into a CSV, JSON Lines or Parquet file."""
+
+    def __init__(self, fmt: str, path: Path, schema: pa.Schema) -> None:
+        self.fmt = fmt
+        if fmt == "csv":
+            self._sink = pacsv.CSVWriter(str(path), schema)
+        elif fmt == "parquet":
+            self._sink = pq.ParquetWriter(str(path), schema)
+        else:
+            self._sink = open(path, "wb")
+
+    def write(self, table: pa.Table) -> None:
+        if self.fmt == "jsonl":
+            for part in _jsonl_lines(table.combine_chunks()).chunks:
+                self._sink.write(_string_data(part))
+        else:
+            self._sink.write_table(table)
+
+    def __enter__(self) -> _OutputWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sink.close()
+
+
+_LARGE = pa.large_string()
+_JSON_ESCAPES = {0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0C: "\\f", 0x0D: "\\r"}
+
+
+def _jsonl_lines(table: pa.Table) -> pa.ChunkedArray:
+    """One JSON object text per row, newline-terminated, built with vectorised string kernels."""
+    parts: list[Any] = []
+    for i, name in enumerate(table.column_names):
+        parts.append(pa.scalar(("{" if i == 0 else ",") + json.dumps(name) + ":", _LARGE))
+        parts.append(_json_values(table.column(name)))
+    parts.append(pa.scalar("}\n" if parts else "{}\n", _LARGE))
+    return pc.binary_join_element_wise(*parts, pa.scalar("", _LARGE))
+
+
+def _json_values(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The JSON text of each value of `column` (never null: missing values are `null`)."""
+    type_ = column.type
+    if pa.types.is_dictionary(type_):
+        return _json_values(column.cast(type_.value_type))
+    if pa.types.is_floating(type_):
+        # JSON has no NaN or Infinity
+        text = pc.if_else(pc.is_finite(column), pc.cast(column, _LARGE), pa.scalar(None, _LARGE))
+    elif pa.types.is_integer(type_) or pa.types.is_boolean(type_) or pa.types.is_decimal(type_):
+        text = pc.cast(column, _LARGE)
+    elif pa.types.is_string(type_) or pa.types.is_large_string(type_):
+        text = _json_strings(pc.cast(column, _LARGE))
+    elif pa.types.is_null(type_):
+        text = pa.chunked_array([pa.nulls(len(column), _LARGE)])
+    elif pa.types.is_temporal(type_):
+        text = _json_strings(pc.cast(column, _LARGE))
+    else:
+        # nested or binary values (JSON Lines input only): rare, so plain Python
+        text = pa.chunked_array([pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], _LARGE)])
+    return pc.fill_null(text, pa.scalar("null", _LARGE))
+
+
+def _json_strings(text: pa.ChunkedArray) -> pa.ChunkedArray:
+    text = pc.replace_substring(text, "\\", "\\\\")
+    text = pc.replace_substring(text, '"', '\\"')
+    if pc.any(pc.match_substring_regex(text, r"[\x00-\x1f]")).as_py():
+        for code in range(0x20):
+            text = pc.replace_substring(text, chr(code), _JSON_ESCAPES.get(code, f"\\u{code:04x}"))
+    quote = pa.scalar('"', _LARGE)
+    return pc.binary_join_element_wise(quote, text, quote, pa.scalar("", _LARGE))
+
+
+def _string_data(array: pa.Array) -> memoryview:
+    """The UTF-8 bytes of all values of a large_string array, back to back."""
+    if not len(array):
+        return memoryview(b"")
+    _, offsets, data = array.buffers()
+    bounds = np.frombuffer(offsets, dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+    return memoryview(data)[bounds[0] : bounds[-1]]
