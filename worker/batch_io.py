@@ -48,6 +48,8 @@ MAX_ROW_ERRORS = 20
 STAGED_NAME = "staged.arrow"
 # staged-file metadata: text columns whose values are meant as numbers (see _TypePlan)
 NUMERIC_TEXT_KEY = b"inferq.numeric_text_columns"
+# rows are parsed a block at a time; tests shrink it to reach later blocks cheaply
+STAGE_BLOCK_SIZE = CSV_BLOCK_SIZE
 _PANDAS_JSON_ROWS = 50_000
 _PARQUET_BATCH_ROWS = 64 * 1024
 
@@ -140,8 +142,13 @@ class RowFailure(Exception):
 # --------------------------------------------------------------------------- planning
 
 
-def plan_chunks(path: Path, fmt: str, rows_per_chunk: int, workdir: Path) -> tuple[int, list[ChunkSpec]]:
-    """Stage the upload in `workdir` and split it into chunks of `rows_per_chunk` rows."""
+def plan_chunks(
+    path: Path, fmt: str, rows_per_chunk: int, workdir: Path, *, id_column: str | None = None
+) -> tuple[int, list[ChunkSpec]]:
+    """Stage the upload in `workdir` and split it into chunks of `rows_per_chunk` rows.
+
+    `id_column`, when given, is read from a CSV as text so ids such as "007" pass through verbatim.
+    """
     if rows_per_chunk < 1:
         raise ValueError("rows_per_chunk must be positive")
     if fmt not in FORMATS:
@@ -149,7 +156,7 @@ def plan_chunks(path: Path, fmt: str, rows_per_chunk: int, workdir: Path) -> tup
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     staged = workdir / STAGED_NAME
-    rows_total = _stage(Path(path), fmt, staged)
+    rows_total = _stage(Path(path), fmt, staged, (id_column,) if id_column else ())
     if rows_total == 0:
         raise TabularError("the file has a header but no rows")
     starts = range(0, rows_total, rows_per_chunk)
@@ -186,6 +193,7 @@ class _TypePlan:
     numeric_text: set[str] = field(default_factory=set)
     block_size: int = CSV_BLOCK_SIZE
     use_pandas: bool = False
+    text_columns: tuple[str, ...] = ()
 
     def widen(self, conflict: _Conflict) -> None:
         old = self.types.get(conflict.column, pa.null())
@@ -204,9 +212,9 @@ class _TypePlan:
         return pa.schema(list(self.types.items()), metadata=meta)
 
 
-def _stage(path: Path, fmt: str, staged: Path) -> int:
+def _stage(path: Path, fmt: str, staged: Path, text_columns: tuple[str, ...]) -> int:
     """Write the upload as one Arrow IPC file with a single schema; return its row count."""
-    plan = _TypePlan()
+    plan = _TypePlan(block_size=STAGE_BLOCK_SIZE, text_columns=text_columns)
     sources = {"csv": _csv_batches, "jsonl": _jsonl_batches, "parquet": _parquet_batches}
     while True:
         try:
@@ -249,12 +257,14 @@ _CSV_COLUMN = re.compile(r"In CSV column #(\d+)")
 def _csv_batches(path: Path, plan: _TypePlan) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     read, parse, convert = csv_options(path)
     read.block_size = plan.block_size
+    convert.column_types = {name: pa.string() for name in plan.text_columns}
     if not plan.types:
         _probe_csv(path, plan, read, parse, convert)
     # explicit types parse ~35% faster than letting the reader infer them block by block
     convert.column_types = plan.schema()
-    reader = _guard(lambda: pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert))
-    return plan.schema(), _checked(reader, lambda exc: _csv_problem(exc, plan))
+    problem = lambda exc: _csv_problem(exc, plan)  # noqa: E731
+    reader = _guard(lambda: pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert), problem)
+    return plan.schema(), _checked(reader, problem)
 
 
 def _probe_csv(path: Path, plan: _TypePlan, read, parse, convert) -> None:
@@ -269,7 +279,7 @@ def _probe_csv(path: Path, plan: _TypePlan, read, parse, convert) -> None:
     plan.types = dict(zip(reader.schema.names, reader.schema.types))
     # a numeric column with a bad cell in the first block is inferred as text
     for name, column in zip(first.schema.names, first.columns):
-        if pa.types.is_string(column.type) and _mostly_numbers(column):
+        if pa.types.is_string(column.type) and name not in plan.text_columns and _mostly_numbers(column):
             plan.numeric_text.add(name)
 
 
@@ -473,7 +483,8 @@ def _feature_columns(columns: list[str], features: list[str] | None, n_features:
         raise ValueError("score_chunk needs features or n_features")
     candidates = [name for name in columns if name != id_column]
     if len(candidates) < n_features:
-        raise TabularError(f"the model takes {n_features} features but the file has {len(candidates)} columns")
+        besides = " besides the id column" if id_column else ""
+        raise TabularError(f"the model takes {n_features} features but the file has {len(candidates)} columns{besides}")
     return candidates[:n_features]
 
 
