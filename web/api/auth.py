@@ -220,7 +220,7 @@ class ApiKeys(MethodView):
         row = ApiKey(user_id=current_user().id, name=data["name"], prefix=prefix, key_hash=hash_api_key(key))
         db.session.add(row)
         db.session.commit()
-        return {**ApiKeySchema().dump(row), "key": key}
+        return {**{name: getattr(row, name) for name in ApiKeySchema().fields}, "key": key}
 
 
 @blp.route("/api-keys/<uuid:key_id>", methods=["DELETE"])

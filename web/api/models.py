@@ -8,7 +8,6 @@ from pathlib import PurePath
 import marshmallow as ma
 from flask import current_app, request
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from flask_smorest.fields import Upload
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
@@ -18,6 +17,7 @@ from common.extensions import db
 from common.models import ModelAlias, ModelStatus, ModelVersion, utcnow
 from common.storage import UploadTooLarge
 from web.errors import ApiError, not_found
+from web.multipart import Blueprint
 from web.registry import (
     ALIAS_PATTERN, NAME_PATTERN, RESERVED_ALIASES, artifact_store, create_version, get_version, resolve_reference,
 )
@@ -29,15 +29,12 @@ STATUSES = [s.value for s in ModelStatus]
 Tags = ma.fields.List(ma.fields.String(validate=ma.validate.Length(min=1, max=50)), validate=ma.validate.Length(max=20))
 
 
-class UploadFormSchema(ma.Schema):
+class UploadSchema(ma.Schema):
+    file = Upload(required=True, metadata={"description": ".skops, .joblib, .pkl or .pickle"})
     name = ma.fields.String(required=True, validate=ma.validate.Regexp(
         NAME_PATTERN, error="name must be 1-100 characters of A-Z a-z 0-9 . _ - and start with a letter or digit"))
     description = ma.fields.String(load_default="", validate=ma.validate.Length(max=2000))
     tags = ma.fields.String(load_default="", metadata={"description": "comma-separated tags"})
-
-
-class UploadFileSchema(ma.Schema):
-    file = Upload(required=True, metadata={"description": ".skops, .joblib, .pkl or .pickle"})
 
 
 class ModelVersionSchema(ma.Schema):
@@ -125,13 +122,12 @@ def allow_large_uploads() -> None:
 
 
 @blp.route("/upload", methods=["POST"])
-@blp.arguments(UploadFormSchema, location="form")
-@blp.arguments(UploadFileSchema, location="files")
+@blp.arguments(UploadSchema, location="form_and_files")
 @blp.response(201, ModelVersionSchema)
 @auth_required
-def upload(form: dict, files: dict):
+def upload(form: dict):
     """Upload a model; it is validated in a sandbox and stored as a new immutable version."""
-    file = files["file"]
+    file = form["file"]
     _format_of(file.filename)
     limit = current_app.extensions["settings"].max_model_bytes
     try:
