@@ -56,6 +56,8 @@ def test_flushed_redis_loses_no_queued_job(client, app, user, workers, iris_mode
     finally:
         app.extensions["celery"].control.add_consumer("predictions", reply=True)
     time.sleep(4.5)  # past JOB_STUCK_SECONDS
+    statuses = {client.get(f"/api/v1/jobs/{j}", headers=user["headers"]).json["status"] for j in jobs}
+    assert statuses == {"queued"}  # their messages are gone with the flush
     app.extensions["celery"].send_task(RECONCILE_JOBS)
     finished = [wait_job(client, user["headers"], job_id, seconds=60) for job_id in jobs]
     assert [j["status"] for j in finished] == ["succeeded"] * 6
