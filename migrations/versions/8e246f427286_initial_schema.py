@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: 2c8a37923fc6
+Revision ID: 8e246f427286
 Revises: 
-Create Date: 2026-11-26 20:03:25.793566
+Create Date: 2026-11-26 20:11:19.146238
 
 """
 from alembic import op
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 # revision identifiers, used by Alembic.
-revision = '2c8a37923fc6'
+revision = '8e246f427286'
 down_revision = None
 branch_labels = None
 depends_on = None
@@ -145,8 +145,7 @@ def upgrade():
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('idempotency_key', sa.String(length=255), nullable=True),
     sa.Column('request_id', sa.String(length=64), nullable=True),
-    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
-    sa.Column('enqueued_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('clock_timestamp()'), nullable=False),
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('queue_ms', sa.Float(), nullable=True),
