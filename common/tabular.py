@@ -100,6 +100,9 @@ def _csv_columns(path: Path) -> list[str]:
         reader = pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
         columns = reader.schema.names
         reader.read_next_batch()
+        if any(pa.types.is_binary(t) for t in reader.schema.types):
+            # pyarrow reads text that is not valid UTF-8 as bytes
+            raise TabularError("the file is not UTF-8 encoded text")
     except StopIteration:
         raise TabularError("the file has a header but no rows") from None
     except pa.ArrowInvalid as exc:

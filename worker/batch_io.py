@@ -134,9 +134,13 @@ class RowFailure(Exception):
     """A bad row under the "fail_fast" policy."""
 
     def __init__(self, row: int, column: str | None, reason: str) -> None:
-        where = f"row {row}" + (f", column {column!r}" if column else "")
-        super().__init__(f"{where}: {reason}")
+        # the fields are the args, so the exception survives pickling into a task result
+        super().__init__(row, column, reason)
         self.row, self.column, self.reason = row, column, reason
+
+    def __str__(self) -> str:
+        where = f"row {self.row}" + (f", column {self.column!r}" if self.column else "")
+        return f"{where}: {self.reason}"
 
 
 # --------------------------------------------------------------------------- planning
@@ -177,6 +181,10 @@ class _Conflict(Exception):
 
 class _NeedsPandas(Exception):
     """pyarrow's JSON reader cannot read this file (a column mixes numbers and text)."""
+
+
+class _BlockTooSmall(Exception):
+    """One row does not fit into a reader block."""
 
 
 @dataclass
@@ -220,7 +228,7 @@ def _stage(path: Path, fmt: str, staged: Path, text_columns: tuple[str, ...]) ->
         try:
             return _write_staged(sources[fmt](path, plan), staged)
         except _Conflict as conflict:
-            if len(plan.types) and plan.types.get(conflict.column) == pa.string():
+            if plan.types.get(conflict.column) == pa.string():
                 raise TabularError(f"cannot read column {conflict.column!r}") from None
             plan.widen(conflict)
         except _NeedsPandas:
@@ -245,10 +253,6 @@ def _write_staged(source: tuple[pa.Schema, Iterator[pa.RecordBatch]], staged: Pa
     finally:
         tmp.unlink(missing_ok=True)
     return rows
-
-
-class _BlockTooSmall(Exception):
-    """One row does not fit into a reader block."""
 
 
 _CSV_COLUMN = re.compile(r"In CSV column #(\d+)")
@@ -276,7 +280,12 @@ def _probe_csv(path: Path, plan: _TypePlan, read, parse, convert) -> None:
         raise TabularError("the file has a header but no rows") from None
     except pa.ArrowInvalid as exc:
         raise _csv_problem(exc, plan) from None
+    check_column_names(reader.schema.names)
     plan.types = dict(zip(reader.schema.names, reader.schema.types))
+    # pyarrow reads text that is not valid UTF-8 as bytes
+    undecodable = [name for name, type_ in plan.types.items() if pa.types.is_binary(type_)]
+    if undecodable:
+        raise TabularError(f"the file is not UTF-8 encoded text (column {undecodable[0]!r})")
     # a numeric column with a bad cell in the first block is inferred as text
     for name, column in zip(first.schema.names, first.columns):
         if pa.types.is_string(column.type) and name not in plan.text_columns and _mostly_numbers(column):
@@ -325,18 +334,18 @@ def _json_problem(exc: pa.ArrowInvalid, plan: _TypePlan) -> Exception:
         return _NeedsPandas()
     if "straddling" in message:
         return _BlockTooSmall()
-    if "Empty JSON file" in message or "empty" in message.lower() and not plan.types:
+    if "Empty JSON" in message:
         return TabularError("the file is empty")
     return TabularError(f"not valid JSON Lines (one JSON object per line): {shorten(message)}")
 
 
 def _jsonl_pandas_batches(path: Path, plan: _TypePlan) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """Slow path for JSON Lines whose columns mix types, which pyarrow cannot read."""
-    try:
-        frames = pd.read_json(path, lines=True, chunksize=_PANDAS_JSON_ROWS, dtype=False, convert_dates=False)
-        first = next(iter(frames), None)
-    except ValueError as exc:
-        raise TabularError(f"not valid JSON Lines (one JSON object per line): {shorten(str(exc))}") from None
+    frames = iter(pd.read_json(
+        path, lines=True, chunksize=_PANDAS_JSON_ROWS, dtype=False,
+        convert_axes=False, convert_dates=False, precise_float=True,
+    ))
+    first = _next_frame(frames)
     if first is None:
         raise TabularError("the file is empty")
     if not plan.types:
@@ -344,10 +353,19 @@ def _jsonl_pandas_batches(path: Path, plan: _TypePlan) -> tuple[pa.Schema, Itera
             plan.types[str(name)] = _inferred_type(first[name], name, plan)
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for frame in _chain(first, frames):
+        frame = first
+        while frame is not None:
             yield _frame_to_batch(frame, plan)
+            frame = _next_frame(frames)
 
     return plan.schema(), batches()
+
+
+def _next_frame(frames: Iterator[pd.DataFrame]) -> pd.DataFrame | None:
+    try:
+        return next(frames, None)
+    except ValueError as exc:
+        raise TabularError(f"not valid JSON Lines (one JSON object per line): {shorten(str(exc))}") from None
 
 
 def _inferred_type(series: pd.Series, name: str, plan: _TypePlan) -> pa.DataType:
@@ -413,11 +431,6 @@ def _checked(reader: Any, problem: Callable[[pa.ArrowInvalid], Exception]) -> It
         raise problem(exc) from None
 
 
-def _chain(first: Any, rest: Any) -> Iterator[Any]:
-    yield first
-    yield from rest
-
-
 def _mostly_numbers(column: pa.Array) -> bool:
     """True when more non-null values of a text column parse as numbers than not."""
     values = column.drop_null().to_pandas()
@@ -448,7 +461,7 @@ def score_chunk(
     names = _feature_columns(table.column_names, features, n_features or getattr(model, "n_features_in_", None), options.id_column)
     matrix, failures = _feature_matrix(table, names, numeric_text, as_frame=features is not None)
     want_proba = options.probabilities and hasattr(model, "predict_proba")
-    predictions, probabilities = _predict(model, matrix, failures, want_proba)
+    predictions, probabilities = _predict(model, matrix, names, failures, want_proba)
     if options.error_policy == "fail_fast" and failures.count:
         raise RowFailure(*failures.first(chunk.row_start))
     labels = _class_labels(model, classes, probabilities)
@@ -585,7 +598,9 @@ def _frame_column(column: pa.ChunkedArray) -> pd.Series:
     return series.where(series.notna(), np.nan) if series.dtype == object else series
 
 
-def _predict(model: Any, matrix: Any, failures: _Failures, want_proba: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _predict(
+    model: Any, matrix: Any, names: list[str], failures: _Failures, want_proba: bool
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Predict the rows without failures; if the model rejects missing values, fail those rows."""
     try:
         return _predict_rows(model, matrix, ~failures.failed, want_proba)
@@ -596,7 +611,7 @@ def _predict(model: Any, matrix: Any, failures: _Failures, want_proba: bool) -> 
         if not rows.any():
             raise
         first = np.argmax(unusable, axis=1)[rows]
-        columns = np.asarray(_column_names(matrix), dtype=object)[first]
+        columns = np.asarray(names, dtype=object)[first]
         reasons = np.where(infinite[rows, first], "infinite value", "missing value")
         failures.add(rows, columns, reasons)
     return _predict_rows(model, matrix, ~failures.failed, want_proba)
@@ -620,10 +635,6 @@ def _predict_rows(model: Any, matrix: Any, rows: np.ndarray, want_proba: bool) -
     subset = matrix if rows.all() else matrix[rows]
     predictions = np.asarray(model.predict(subset))
     return predictions, (np.asarray(model.predict_proba(subset)) if want_proba else None)
-
-
-def _column_names(matrix: Any) -> list[str]:
-    return [str(c) for c in matrix.columns] if isinstance(matrix, pd.DataFrame) else [f"x{j}" for j in range(matrix.shape[1])]
 
 
 def _class_labels(model: Any, classes: list | None, probabilities: np.ndarray | None) -> list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,7 @@ def test_skip_marks_bad_rows_and_scores_the_rest(tmp_path, frame, model, bad_csv
     assert_scored_like(output[~failed], model, frame[FEATURES][~failed.to_numpy()])
     assert [r.rows_failed for r in results] == [1, 1, 0, 0]
     assert results[0].errors == [RowError(3, "b", "'abc' is not a number")]
+    assert json.loads(json.dumps(results[1].to_dict()))["errors"] == [{"row": 20, "column": "c", "reason": "missing value"}]
     assert results[1].errors == [RowError(20, "c", "missing value")]
 
 
@@ -226,6 +228,7 @@ def test_fail_fast_raises_at_the_first_bad_row(tmp_path, model, bad_csv):
     with pytest.raises(RowFailure) as failure:
         score_chunk(bad_csv, chunks[0], model, FEATURES, None, None, options, tmp_path / "0.arrow")
     assert (failure.value.row, failure.value.column, failure.value.reason) == (3, "b", "'abc' is not a number")
+    assert str(pickle.loads(pickle.dumps(failure.value))) == "row 3, column 'b': 'abc' is not a number"
     with pytest.raises(RowFailure, match="row 20, column 'c': missing value"):
         score_chunk(bad_csv, chunks[1], model, FEATURES, None, None, options, tmp_path / "1.arrow")
     assert not (tmp_path / "0.arrow").exists()
@@ -267,6 +270,22 @@ def test_jsonl_with_a_text_value_in_a_number_column_fails_only_that_row(tmp_path
     assert output.loc[40, "prediction"] == model.predict(frame.loc[[40], FEATURES].assign(c=2.0))[0]
 
 
+def test_jsonl_columns_that_change_type_after_the_first_block(tmp_path, model, monkeypatch):
+    monkeypatch.setattr(batch_io, "STAGE_BLOCK_SIZE", 1024)
+    rows = [{"id": i, "a": None, "b": i % 3, "c": 0.5} for i in range(400)]
+    rows[300]["a"] = 1.25  # null so far: the column becomes a number column
+    rows[350]["b"] = 0.75  # ints so far
+    path = tmp_path / "drift.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tolerant = HistGradientBoostingClassifier(max_iter=3).fit(
+        pd.DataFrame({"a": [np.nan, 1.0, 2.0, 0.0] * 5, "b": [0, 1, 2, 3] * 5, "c": 0.5}), [0, 1] * 10
+    )
+    output, _ = run_batch(path, tolerant, tmp_path, out_fmt="parquet", rows_per_chunk=150, options=BatchOptions(id_column="id"))
+    assert list(output.id) == list(range(400)) and output.error.isna().all()
+    expected = tolerant.predict(pd.DataFrame(rows)[["a", "b", "c"]].astype(float))
+    assert list(output.prediction) == list(expected)
+
+
 def test_missing_feature_or_id_columns_are_user_errors(tmp_path, frame, model):
     path = write_table(frame.drop(columns=["b"]), tmp_path / "upload.csv")
     with pytest.raises(TabularError, match="lacks the model's feature columns: 'b'"):
@@ -297,6 +316,19 @@ def test_empty_and_header_only_files_are_refused(tmp_path, name, content, messag
         read_columns(path, fmt)
     with pytest.raises(TabularError, match=message):
         plan_chunks(path, fmt, 10, tmp_path / "work")
+
+
+def test_malformed_or_non_utf8_csv_is_refused_with_a_reason(tmp_path):
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("a,b\n1,2\n3,4,5\n")
+    with pytest.raises(TabularError, match="malformed.*Expected 2 columns, got 3"):
+        plan_chunks(ragged, "csv", 10, tmp_path / "work")
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("name,a\nJosé,1\n".encode("latin-1"))
+    with pytest.raises(TabularError, match="not UTF-8"):
+        read_columns(latin1, "csv")
+    with pytest.raises(TabularError, match="not UTF-8"):
+        plan_chunks(latin1, "csv", 10, tmp_path / "work")
 
 
 def test_parquet_without_rows_is_refused(tmp_path):
