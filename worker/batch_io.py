@@ -45,6 +45,8 @@ from common.tabular import (
 
 ERROR_POLICIES = ("skip", "fail_fast")
 MAX_ROW_ERRORS = 20
+# rows of one chunk the model rejects for reasons other than missing values
+MAX_REJECTED_ROWS = 100
 STAGED_NAME = "staged.arrow"
 # staged-file metadata: text columns whose values are meant as numbers (see _TypePlan)
 NUMERIC_TEXT_KEY = b"inferq.numeric_text_columns"
@@ -520,14 +522,17 @@ class _Failures:
             return
         self.failed |= fresh
         for target, value in ((self.column, column), (self.reason, reason)):
-            target[fresh] = value if isinstance(value, str) else np.asarray(value, dtype=object)[fresh[rows]]
+            single = value is None or isinstance(value, str)
+            target[fresh] = value if single else np.asarray(value, dtype=object)[fresh[rows]]
 
     def messages(self) -> pa.Array:
         """The `error` column: "<column>: <reason>" for failed rows, null for the others."""
         if not self.failed.any():
             return pa.nulls(len(self.failed), pa.string())
         text = np.full(len(self.failed), None, dtype=object)
-        text[self.failed] = self.column[self.failed] + ": " + self.reason[self.failed]
+        text[self.failed] = self.reason[self.failed]
+        named = self.failed & (self.column != None)  # noqa: E711 (element-wise)
+        text[named] = self.column[named] + ": " + self.reason[named]
         return pa.array(text, type=pa.string())
 
     def first(self, row_start: int) -> tuple[int, str, str]:
@@ -601,40 +606,103 @@ def _frame_column(column: pa.ChunkedArray) -> pd.Series:
 def _predict(
     model: Any, matrix: Any, names: list[str], failures: _Failures, want_proba: bool
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Predict the rows without failures; if the model rejects missing values, fail those rows."""
+    """Predict the rows without failures; rows the model rejects fail, the others are predicted.
+
+    When the model rejects the chunk, rows with a missing (or infinite) number fail first,
+    then rows with any missing value (text usually goes to an encoder that takes it), and
+    any other rejection (say an unknown category) is narrowed down to rows by halving.
+    """
     try:
         return _predict_rows(model, matrix, ~failures.failed, want_proba)
-    except (ValueError, TypeError):
-        missing, infinite = _not_finite(matrix)
-        unusable = (missing | infinite) & ~failures.failed[:, None]
-        rows = unusable.any(axis=1)
-        if not rows.any():
-            raise
-        first = np.argmax(unusable, axis=1)[rows]
-        columns = np.asarray(names, dtype=object)[first]
-        reasons = np.where(infinite[rows, first], "infinite value", "missing value")
-        failures.add(rows, columns, reasons)
+    except (ValueError, TypeError) as exc:
+        rejection = exc
+    for numbers_only in (True, False):
+        if _fail_unusable(matrix, names, failures, numbers_only):
+            try:
+                return _predict_rows(model, matrix, ~failures.failed, want_proba)
+            except (ValueError, TypeError) as exc:
+                rejection = exc
+    if not _fail_rejected(model, matrix, failures, want_proba):
+        raise rejection
     return _predict_rows(model, matrix, ~failures.failed, want_proba)
-
-
-def _not_finite(matrix: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Masks (rows x features) of the missing and of the infinite cells."""
-    if not isinstance(matrix, pd.DataFrame):
-        return np.isnan(matrix), np.isinf(matrix)
-    missing = matrix.isna().to_numpy()
-    infinite = np.zeros_like(missing)
-    for j, (_, column) in enumerate(matrix.items()):
-        if column.dtype.kind == "f":
-            infinite[:, j] = np.isinf(column.to_numpy())
-    return missing, infinite
 
 
 def _predict_rows(model: Any, matrix: Any, rows: np.ndarray, want_proba: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
     if not rows.any():
         return None, None
-    subset = matrix if rows.all() else matrix[rows]
+    subset = matrix if rows.all() else _take(matrix, np.flatnonzero(rows))
     predictions = np.asarray(model.predict(subset))
     return predictions, (np.asarray(model.predict_proba(subset)) if want_proba else None)
+
+
+def _take(matrix: Any, rows: np.ndarray) -> Any:
+    return matrix.iloc[rows] if isinstance(matrix, pd.DataFrame) else matrix[rows]
+
+
+def _fail_unusable(matrix: Any, names: list[str], failures: _Failures, numbers_only: bool) -> bool:
+    """Fail the rows holding a missing or infinite value; False if that fails no new row."""
+    missing, infinite = _not_finite(matrix, numbers_only)
+    unusable = (missing | infinite) & ~failures.failed[:, None]
+    rows = unusable.any(axis=1)
+    if not rows.any():
+        return False
+    first = np.argmax(unusable, axis=1)[rows]
+    reasons = np.where(infinite[rows, first], "infinite value", "missing value")
+    failures.add(rows, np.asarray(names, dtype=object)[first], reasons)
+    return True
+
+
+def _not_finite(matrix: Any, numbers_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Masks (rows x features) of the missing and of the infinite cells."""
+    if not isinstance(matrix, pd.DataFrame):
+        return np.isnan(matrix), np.isinf(matrix)
+    missing = np.zeros(matrix.shape, dtype=bool)
+    infinite = np.zeros(matrix.shape, dtype=bool)
+    for j, (_, column) in enumerate(matrix.items()):
+        if column.dtype.kind == "f":
+            values = column.to_numpy()
+            missing[:, j], infinite[:, j] = np.isnan(values), np.isinf(values)
+        elif not numbers_only:
+            missing[:, j] = column.isna().to_numpy()
+    return missing, infinite
+
+
+class _TooManyRejected(Exception):
+    pass
+
+
+def _fail_rejected(model: Any, matrix: Any, failures: _Failures, want_proba: bool) -> bool:
+    """Find the rows the model rejects by predicting halves of the chunk; False if none or too many.
+
+    Costs about (log2(rows) + 2) predictions of the chunk when a few rows are bad; past
+    MAX_REJECTED_ROWS the chunk fails as a whole with the model's own message.
+    """
+    found: dict[int, str] = {}
+
+    def search(rows: np.ndarray) -> None:
+        if not len(rows):
+            return
+        try:
+            _predict_rows(model, _take(matrix, rows), np.ones(len(rows), dtype=bool), want_proba)
+        except (ValueError, TypeError) as exc:
+            if len(rows) == 1:
+                found[int(rows[0])] = shorten(str(exc))
+                if len(found) > MAX_REJECTED_ROWS:
+                    raise _TooManyRejected from None
+                return
+            search(rows[: len(rows) // 2])
+            search(rows[len(rows) // 2 :])
+
+    candidates = np.flatnonzero(~failures.failed)
+    try:
+        search(candidates[: len(candidates) // 2])
+        search(candidates[len(candidates) // 2 :])
+    except _TooManyRejected:
+        return False
+    rows = np.zeros(len(failures.failed), dtype=bool)
+    rows[list(found)] = True
+    failures.add(rows, None, [found[row] for row in sorted(found)])
+    return bool(found)
 
 
 def _class_labels(model: Any, classes: list | None, probabilities: np.ndarray | None) -> list:

@@ -196,6 +196,27 @@ def test_string_columns_reach_a_column_transformer_pipeline_as_a_dataframe(tmp_p
     assert sum(r.rows_failed for r in results) == 0
 
 
+def test_pipeline_rows_with_missing_or_unknown_values_fail_alone(tmp_path):
+    train = pd.DataFrame({"city": ["Paris", "Oslo", "Lima"] * 20, "income": np.linspace(20, 80, 60)})
+    pipeline = make_pipeline(
+        ColumnTransformer([("city", OneHotEncoder(), ["city"]), ("num", StandardScaler(), ["income"])]),
+        LogisticRegression(),
+    ).fit(train, train.income > 50)
+    data = train.copy().astype({"city": object})
+    data.loc[5, "income"] = None
+    data.loc[17, "city"] = None
+    data.loc[40, "city"] = "Rome"  # OneHotEncoder(handle_unknown="error") refuses it
+    path = write_table(data, tmp_path / "upload.csv")
+    output, results = run_batch(path, pipeline, tmp_path, rows_per_chunk=30)
+    errors = output.error.dropna()
+    assert list(errors.index) == [5, 17, 40]
+    assert errors[5] == "income: missing value" and errors[17] == "city: missing value"
+    assert "unknown categories" in errors[40] and "Rome" in errors[40]
+    good = output.error.isna().to_numpy()
+    assert list(output.prediction[good]) == list(pipeline.predict(data[good]))
+    assert [e.column for e in results[1].errors] == [None]
+
+
 # --------------------------------------------------------------------------- bad rows
 
 
