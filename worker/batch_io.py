@@ -269,7 +269,9 @@ def _csv_batches(path: Path, plan: _TypePlan) -> tuple[pa.Schema, Iterator[pa.Re
     # explicit types parse ~35% faster than letting the reader infer them block by block
     convert.column_types = plan.schema()
     problem = lambda exc: _csv_problem(exc, plan)  # noqa: E731
-    reader = _guard(lambda: pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert), problem)
+    reader = _guard(
+        lambda: pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert), problem
+    )
     return plan.schema(), _checked(reader, problem)
 
 
@@ -317,12 +319,13 @@ def _jsonl_batches(path: Path, plan: _TypePlan) -> tuple[pa.Schema, Iterator[pa.
         return _jsonl_pandas_batches(path, plan)
     read = pajson.ReadOptions(block_size=plan.block_size, use_threads=False)
     if not plan.types:
-        probe = _guard(lambda: pajson.open_json(path, read_options=read), lambda e: _json_problem(e, plan))
+        probe = _guard(lambda: pajson.open_json(path, read_options=read), lambda exc: _json_problem(exc, plan))
         plan.types = dict(zip(probe.schema.names, probe.schema.types))
     read.use_threads = True
     parse = pajson.ParseOptions(explicit_schema=plan.schema(), unexpected_field_behavior="error")
-    reader = _guard(lambda: pajson.open_json(path, read_options=read, parse_options=parse), lambda e: _json_problem(e, plan))
-    return plan.schema(), _checked(reader, lambda exc: _json_problem(exc, plan))
+    problem = lambda exc: _json_problem(exc, plan)  # noqa: E731
+    reader = _guard(lambda: pajson.open_json(path, read_options=read, parse_options=parse), problem)
+    return plan.schema(), _checked(reader, problem)
 
 
 def _json_problem(exc: pa.ArrowInvalid, plan: _TypePlan) -> Exception:
@@ -460,14 +463,16 @@ def score_chunk(
     RowFailure at the first bad row ("fail_fast").
     """
     table, numeric_text = _read_chunk(Path(chunk.staged or source), chunk)
-    names = _feature_columns(table.column_names, features, n_features or getattr(model, "n_features_in_", None), options.id_column)
+    n_features = n_features or getattr(model, "n_features_in_", None)
+    names = _feature_columns(table.column_names, features, n_features, options.id_column)
     matrix, failures = _feature_matrix(table, names, numeric_text, as_frame=features is not None)
     want_proba = options.probabilities and hasattr(model, "predict_proba")
     predictions, probabilities = _predict(model, matrix, names, failures, want_proba)
     if options.error_policy == "fail_fast" and failures.count:
         raise RowFailure(*failures.first(chunk.row_start))
     labels = _class_labels(model, classes, probabilities)
-    output = _output_table(table, options, predictions, probabilities if want_proba else None, labels, failures, want_proba)
+    scored = _scored_columns(predictions, probabilities, labels, want_proba, failures)
+    output = pa.table({**_passthrough_columns(table, options, scored), **scored})
     _write_ipc_atomic(output, Path(out_path))
     return ChunkResult(table.num_rows, failures.count, failures.row_errors(chunk.row_start, MAX_ROW_ERRORS))
 
@@ -485,7 +490,9 @@ def _read_chunk(path: Path, chunk: ChunkSpec) -> tuple[pa.Table, set[str]]:
     return table.slice(chunk.row_start, chunk.rows), numeric_text
 
 
-def _feature_columns(columns: list[str], features: list[str] | None, n_features: int | None, id_column: str | None) -> list[str]:
+def _feature_columns(
+    columns: list[str], features: list[str] | None, n_features: int | None, id_column: str | None
+) -> list[str]:
     """The input columns the model reads, by name or else by position."""
     if id_column is not None and id_column not in columns:
         raise TabularError(f"the id column {id_column!r} is not in the file")
@@ -499,7 +506,9 @@ def _feature_columns(columns: list[str], features: list[str] | None, n_features:
     candidates = [name for name in columns if name != id_column]
     if len(candidates) < n_features:
         besides = " besides the id column" if id_column else ""
-        raise TabularError(f"the model takes {n_features} features but the file has {len(candidates)} columns{besides}")
+        raise TabularError(
+            f"the model takes {n_features} features but the file has {len(candidates)} columns{besides}"
+        )
     return candidates[:n_features]
 
 
@@ -544,7 +553,9 @@ class _Failures:
         return [RowError(row_start + int(i) + 1, self.column[i], self.reason[i]) for i in rows]
 
 
-def _feature_matrix(table: pa.Table, names: list[str], numeric_text: set[str], as_frame: bool) -> tuple[Any, _Failures]:
+def _feature_matrix(
+    table: pa.Table, names: list[str], numeric_text: set[str], as_frame: bool
+) -> tuple[Any, _Failures]:
     """Build the model input column by column (never row by row) and note unparseable cells."""
     failures = _Failures(table.num_rows)
     numeric = [n for n in names if _is_numeric(table.schema.field(n).type) or n in numeric_text or not as_frame]
@@ -563,7 +574,8 @@ def _feature_matrix(table: pa.Table, names: list[str], numeric_text: set[str], a
 def _is_numeric(type_: pa.DataType) -> bool:
     if pa.types.is_dictionary(type_):
         type_ = type_.value_type
-    return pa.types.is_integer(type_) or pa.types.is_floating(type_) or pa.types.is_boolean(type_) or pa.types.is_decimal(type_)
+    return any(is_kind(type_) for is_kind in (pa.types.is_integer, pa.types.is_floating,
+                                              pa.types.is_boolean, pa.types.is_decimal))
 
 
 def _fill_numeric(out: np.ndarray, column: pa.ChunkedArray, name: str, failures: _Failures) -> None:
@@ -627,7 +639,9 @@ def _predict(
     return _predict_rows(model, matrix, ~failures.failed, want_proba)
 
 
-def _predict_rows(model: Any, matrix: Any, rows: np.ndarray, want_proba: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _predict_rows(
+    model: Any, matrix: Any, rows: np.ndarray, want_proba: bool
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     if not rows.any():
         return None, None
     subset = matrix if rows.all() else _take(matrix, np.flatnonzero(rows))
@@ -712,34 +726,38 @@ def _class_labels(model: Any, classes: list | None, probabilities: np.ndarray | 
     return labels
 
 
-def _output_table(
-    table: pa.Table,
-    options: BatchOptions,
+def _scored_columns(
     predictions: np.ndarray | None,
     probabilities: np.ndarray | None,
     labels: list,
-    failures: _Failures,
     with_proba: bool,
-) -> pa.Table:
-    """id, input columns (optional), prediction, proba_<class>..., error."""
+    failures: _Failures,
+) -> dict[str, pa.Array]:
+    """prediction, proba_<class> per class (if with_proba), error; null where a row failed."""
     good = ~failures.failed
     # a chunk whose rows all failed still types its prediction column like the others
     label_type = pa.array(np.asarray(labels)).type if labels else pa.float64()
     scored = {"prediction": _with_nulls(predictions, good, label_type)}
     for j, label in enumerate(labels if with_proba else []):
-        scored[f"proba_{label}"] = _with_nulls(None if probabilities is None else probabilities[:, j], good, pa.float64())
+        column = None if probabilities is None else probabilities[:, j]
+        scored[f"proba_{label}"] = _with_nulls(column, good, pa.float64())
     scored["error"] = failures.messages()
-    passthrough = [options.id_column] if options.id_column else []
+    return scored
+
+
+def _passthrough_columns(table: pa.Table, options: BatchOptions, scored: dict[str, Any]) -> dict[str, Any]:
+    """The id column, then the other input columns when asked for."""
+    names = [options.id_column] if options.id_column else []
     if options.include_input:
-        passthrough += [name for name in table.column_names if name != options.id_column]
+        names += [name for name in table.column_names if name != options.id_column]
     columns = {}
-    for name in passthrough:
+    for name in names:
         # an input column named like an output column keeps its data as "input_<name>"
         new = name
-        while new in scored or new in columns or (new != name and new in passthrough):
+        while new in scored or new in columns or (new != name and new in names):
             new = f"input_{new}"
         columns[new] = table.column(name)
-    return pa.table({**columns, **scored})
+    return columns
 
 
 def _with_nulls(values: np.ndarray | None, good: np.ndarray, type_: pa.DataType) -> pa.Array:
@@ -748,7 +766,7 @@ def _with_nulls(values: np.ndarray | None, good: np.ndarray, type_: pa.DataType)
         return pa.nulls(len(good), type_)
     if good.all():
         return pa.array(values)
-    full = np.zeros(len(good), dtype=values.dtype) if values.dtype != object else np.full(len(good), None, dtype=object)
+    full = np.full(len(good), None, dtype=object) if values.dtype == object else np.zeros(len(good), values.dtype)
     full[good] = values
     return pa.array(full, mask=~good)
 
@@ -855,7 +873,8 @@ def _json_values(column: pa.ChunkedArray) -> pa.ChunkedArray:
         text = _json_strings(pc.cast(column, _LARGE))
     else:
         # nested or binary values (JSON Lines input only): rare, so plain Python
-        text = pa.chunked_array([pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], _LARGE)])
+        dumped = [None if v is None else json.dumps(v, default=str) for v in column.to_pylist()]
+        text = pa.chunked_array([pa.array(dumped, _LARGE)])
     return pc.fill_null(text, pa.scalar("null", _LARGE))
 
 

@@ -147,7 +147,8 @@ def test_probability_columns_follow_the_classes_and_can_be_left_out(tmp_path, fr
 def test_a_model_without_predict_proba_gets_predictions_only(tmp_path, frame):
     regressor = LinearRegression().fit(frame[FEATURES].to_numpy(), frame.a * 2 + 1)
     path = write_table(frame, tmp_path / "upload.parquet")
-    output, _ = run_batch(path, regressor, tmp_path, features=None, n_features=3, options=BatchOptions(id_column="id"))
+    options = BatchOptions(id_column="id")
+    output, _ = run_batch(path, regressor, tmp_path, features=None, n_features=3, options=options)
     assert list(output.columns) == ["id", "prediction", "error"]
     np.testing.assert_allclose(output.prediction, regressor.predict(frame[FEATURES].to_numpy()))
 
@@ -156,7 +157,8 @@ def test_positional_model_reads_the_first_columns_besides_the_id(tmp_path, frame
     reordered = frame[["a", "id", "b", "c"]]
     positional = LogisticRegression().fit(frame[FEATURES].to_numpy(), frame.a > 0)
     path = write_table(reordered, tmp_path / "upload.csv")
-    output, _ = run_batch(path, positional, tmp_path, features=None, n_features=3, options=BatchOptions(id_column="id"))
+    options = BatchOptions(id_column="id")
+    output, _ = run_batch(path, positional, tmp_path, features=None, n_features=3, options=options)
     assert list(output.prediction) == list(positional.predict(frame[FEATURES].to_numpy()))
     assert list(output.columns) == ["id", "prediction", "proba_False", "proba_True", "error"]
 
@@ -166,7 +168,9 @@ def test_include_input_puts_id_first_then_the_inputs_verbatim(tmp_path, frame, m
     path = write_table(data, tmp_path / "upload.csv")
     options = BatchOptions(include_input=True, id_column="id")
     output, _ = run_batch(path, model, tmp_path, options=options)
-    assert list(output.columns) == ["id", "a", "b", "c", "note", "prediction", "proba_maybe", "proba_no", "proba_yes", "error"]
+    assert list(output.columns) == [
+        "id", "a", "b", "c", "note", "prediction", "proba_maybe", "proba_no", "proba_yes", "error"
+    ]
     assert list(output.id.astype(str)) == [f"00{i}" for i in range(50)]  # not turned into numbers
     assert (output.note == "x, \"quoted\"\nline").all()
     np.testing.assert_array_equal(output[FEATURES].to_numpy(), data[FEATURES].to_numpy())
@@ -239,7 +243,8 @@ def test_skip_marks_bad_rows_and_scores_the_rest(tmp_path, frame, model, bad_csv
     assert_scored_like(output[~failed], model, frame[FEATURES][~failed.to_numpy()])
     assert [r.rows_failed for r in results] == [1, 1, 0, 0]
     assert results[0].errors == [RowError(3, "b", "'abc' is not a number")]
-    assert json.loads(json.dumps(results[1].to_dict()))["errors"] == [{"row": 20, "column": "c", "reason": "missing value"}]
+    as_json = json.loads(json.dumps(results[1].to_dict()))
+    assert as_json["errors"] == [{"row": 20, "column": "c", "reason": "missing value"}]
     assert results[1].errors == [RowError(20, "c", "missing value")]
 
 
@@ -301,7 +306,8 @@ def test_jsonl_columns_that_change_type_after_the_first_block(tmp_path, model, m
     tolerant = HistGradientBoostingClassifier(max_iter=3).fit(
         pd.DataFrame({"a": [np.nan, 1.0, 2.0, 0.0] * 5, "b": [0, 1, 2, 3] * 5, "c": 0.5}), [0, 1] * 10
     )
-    output, _ = run_batch(path, tolerant, tmp_path, out_fmt="parquet", rows_per_chunk=150, options=BatchOptions(id_column="id"))
+    options = BatchOptions(id_column="id")
+    output, _ = run_batch(path, tolerant, tmp_path, out_fmt="parquet", rows_per_chunk=150, options=options)
     assert list(output.id) == list(range(400)) and output.error.isna().all()
     expected = tolerant.predict(pd.DataFrame(rows)[["a", "b", "c"]].astype(float))
     assert list(output.prediction) == list(expected)
