@@ -33,6 +33,7 @@ from worker.batch_io import (
 )
 
 FEATURES = ["a", "b", "c"]
+FORMATS = ("csv", "jsonl", "parquet")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -368,7 +369,7 @@ def test_parquet_without_rows_is_refused(tmp_path):
 
 
 def test_read_columns_reads_each_format(tmp_path, frame):
-    for fmt in ("csv", "jsonl", "parquet"):
+    for fmt in FORMATS:
         assert read_columns(write_table(frame, tmp_path / f"x.{fmt}"), fmt) == ["id", *FEATURES]
     semicolons = tmp_path / "semi.csv"
     semicolons.write_text("id;a;b\n1;2,5;3\n")
@@ -383,7 +384,7 @@ def test_format_is_detected_from_the_name_else_the_content(tmp_path, frame):
     upload = tmp_path / "upload"  # a stored upload has no extension
     assert detect_format(upload, "scores.NDJSON") == "jsonl"
     assert detect_format(upload, "x.pq") == "parquet"
-    for fmt in FEATURES_FORMATS:
+    for fmt in FORMATS:
         write_table(frame, tmp_path / f"t.{fmt}").rename(upload)
         assert detect_format(upload, None) == fmt
         assert detect_format(upload, "data.bin") == fmt
@@ -393,9 +394,6 @@ def test_format_is_detected_from_the_name_else_the_content(tmp_path, frame):
     upload.write_bytes(b"  \n")
     with pytest.raises(TabularError, match="empty"):
         detect_format(upload, None)
-
-
-FEATURES_FORMATS = ("csv", "jsonl", "parquet")
 
 
 def test_rerunning_a_chunk_overwrites_its_output(tmp_path, frame, model):
