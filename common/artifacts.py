@@ -272,6 +272,8 @@ def to_skops(estimator) -> bytes:
 
 def check_estimator(obj) -> None:
     """Refuse anything that is not a fitted scikit-learn estimator InferQ can call."""
+    if "sklearn.base" not in sys.modules:  # nothing in the file referred to scikit-learn
+        raise ArtifactRejected(f"not a scikit-learn estimator: {type(obj).__name__}")
     from sklearn.base import BaseEstimator
     from sklearn.exceptions import NotFittedError
     from sklearn.utils.validation import check_is_fitted
@@ -289,17 +291,18 @@ def check_estimator(obj) -> None:
 @contextlib.contextmanager
 def recording_sklearn_version() -> Iterator[SimpleNamespace]:
     """Yield a namespace whose ``version`` is, after the block, the sklearn version of what it loaded."""
-    import sklearn
-    from sklearn.exceptions import InconsistentVersionWarning
-
-    found = SimpleNamespace(version=sklearn.__version__)
+    found = SimpleNamespace(version=None)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", InconsistentVersionWarning)
+        warnings.simplefilter("always")
         yield found
+    # Matched by name so that files which never import sklearn do not pay for importing it.
     for warning in caught:
-        if isinstance(warning.message, InconsistentVersionWarning):
+        if type(warning.message).__name__ == "InconsistentVersionWarning":
             found.version = str(warning.message.original_sklearn_version)
             break
+    else:
+        sklearn = sys.modules.get("sklearn")
+        found.version = sklearn.__version__ if sklearn else None
 
 
 def _brief(exc: BaseException) -> str:
