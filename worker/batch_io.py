@@ -203,19 +203,24 @@ class _TypePlan:
 
     types: dict[str, pa.DataType] = field(default_factory=dict)
     numeric_text: set[str] = field(default_factory=set)
+    # empty in the first block: when such a column turns out to be text, it is just text
+    unknown: set[str] = field(default_factory=set)
     block_size: int = CSV_BLOCK_SIZE
     use_pandas: bool = False
     text_columns: tuple[str, ...] = ()
 
     def widen(self, conflict: _Conflict) -> None:
         old = self.types.get(conflict.column, pa.null())
+        if pa.types.is_null(old):
+            self.unknown.add(conflict.column)
         if pa.types.is_null(old) and conflict.seen is not None:
             new = conflict.seen
         elif pa.types.is_integer(old) or pa.types.is_null(old):
             new = pa.float64()
         else:
             new = pa.string()
-        if (pa.types.is_integer(old) or pa.types.is_floating(old)) and pa.types.is_string(new):
+        was_number = pa.types.is_integer(old) or pa.types.is_floating(old)
+        if was_number and pa.types.is_string(new) and conflict.column not in self.unknown:
             self.numeric_text.add(conflict.column)
         self.types[conflict.column] = new
 
@@ -415,10 +420,10 @@ def _parquet_batches(path: Path, plan: _TypePlan) -> tuple[pa.Schema, Iterator[p
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise TabularError(f"not a readable Parquet file: {shorten(str(exc))}") from None
-    # re-batching a Parquet file is cheap and gives chunks the same O(1) access
-    schema = parquet.schema_arrow.with_metadata({NUMERIC_TEXT_KEY: b"[]"})
-    batches = (b.replace_schema_metadata(schema.metadata) for b in parquet.iter_batches(_PARQUET_BATCH_ROWS))
-    return schema, batches
+    # an IPC file holds one dictionary per column, row groups each bring their own: decode
+    fields = [pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in parquet.schema_arrow]
+    schema = pa.schema(fields, metadata={NUMERIC_TEXT_KEY: b"[]"})
+    return schema, (batch.cast(schema) for batch in parquet.iter_batches(_PARQUET_BATCH_ROWS))
 
 
 def _guard(open_reader: Callable[[], Any], problem: Callable[[pa.ArrowInvalid], Exception] | None = None) -> Any:

@@ -185,6 +185,18 @@ def test_input_columns_named_like_outputs_are_kept_under_another_name(tmp_path, 
     assert output.error.isna().all()
 
 
+def test_parquet_dictionary_columns_with_one_dictionary_per_row_group(tmp_path, model):
+    path = tmp_path / "kinds.parquet"
+    schema = pa.schema([("kind", pa.dictionary(pa.int32(), pa.string()))] + [(f, pa.float64()) for f in FEATURES])
+    with pq.ParquetWriter(path, schema) as writer:
+        for kinds in (["x", "y"] * 10, ["z"] * 20):
+            numbers = {f: np.linspace(-1, 1, 20) for f in FEATURES}
+            writer.write_table(pa.table({"kind": pa.array(kinds).dictionary_encode(), **numbers}, schema=schema))
+    output, _ = run_batch(path, model, tmp_path, out_fmt="parquet", options=BatchOptions(include_input=True))
+    assert list(output.kind) == ["x", "y"] * 10 + ["z"] * 20
+    assert output.error.isna().all()
+
+
 def test_string_columns_reach_a_column_transformer_pipeline_as_a_dataframe(tmp_path):
     rng = np.random.default_rng(1)
     data = pd.DataFrame({"city": rng.choice(["Paris", "Oslo", "Lima"], 300), "age": rng.integers(18, 90, 300),
