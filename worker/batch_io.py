@@ -421,8 +421,10 @@ def _parquet_batches(path: Path, plan: _TypePlan) -> tuple[pa.Schema, Iterator[p
     except (pa.ArrowException, OSError) as exc:
         raise TabularError(f"not a readable Parquet file: {shorten(str(exc))}") from None
     # an IPC file holds one dictionary per column, row groups each bring their own: decode
-    fields = [pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in parquet.schema_arrow]
-    schema = pa.schema(fields, metadata={NUMERIC_TEXT_KEY: b"[]"})
+    decoded = [
+        pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in parquet.schema_arrow
+    ]
+    schema = pa.schema(decoded, metadata={NUMERIC_TEXT_KEY: b"[]"})
     return schema, (batch.cast(schema) for batch in parquet.iter_batches(_PARQUET_BATCH_ROWS))
 
 
