@@ -82,6 +82,11 @@ class Settings:
     model_cache_bytes: int = 1024 * 1024 * 1024
     # batches
     batch_rows_per_chunk: int = 50_000
+    batch_task_time_limit: int = 1800
+    # worker metrics exporter (0 disables) and the pool processes' metric files
+    worker_metrics_port: int = 9808
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_dir: str = "var/metrics/worker"
     # only tests turn these on: slow or crashing models on demand
     fault_injection: bool = False
 
@@ -116,6 +121,10 @@ class Settings:
             model_cache_size=_int(env, "MODEL_CACHE_SIZE", 5),
             model_cache_bytes=_int(env, "MODEL_CACHE_BYTES", cls.model_cache_bytes),
             batch_rows_per_chunk=_int(env, "BATCH_ROWS_PER_CHUNK", 50_000),
+            batch_task_time_limit=_int(env, "BATCH_TASK_TIME_LIMIT", 1800),
+            worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 9808),
+            worker_metrics_host=env.get("WORKER_METRICS_HOST", "127.0.0.1"),
+            worker_metrics_dir=env.get("WORKER_METRICS_DIR", "var/metrics/worker"),
             fault_injection=_bool(env, "INFERQ_FAULT_INJECTION", False),
         )
         settings = replace(settings, **overrides)
@@ -138,4 +147,4 @@ class Settings:
     @property
     def broker_visibility_timeout(self) -> int:
         """Longer than the hard limit, so Redis never redelivers a message a live worker still holds."""
-        return self.job_hard_time_limit * 2 + 60
+        return max(self.job_hard_time_limit, self.batch_task_time_limit) * 2 + 60

@@ -49,6 +49,10 @@ def celery_config(settings: Settings) -> dict:
         "task_time_limit": settings.job_hard_time_limit,
         "task_queues": TASK_QUEUES,
         "task_routes": TASK_ROUTES,
+        # staging or assembling a large file takes longer than one prediction may
+        "task_annotations": {name: {"soft_time_limit": settings.batch_task_time_limit,
+                                    "time_limit": settings.batch_task_time_limit + 30}
+                             for name in (PLAN_BATCH, SCORE_CHUNK, FINISH_BATCH)},
         "task_default_queue": PREDICTIONS_QUEUE,
         "worker_send_task_events": True,
         "task_send_sent_event": True,

@@ -38,6 +38,9 @@ class ArtifactStore:
     def batch_dir(self, owner_id: uuid.UUID, batch_id: uuid.UUID) -> str:
         return f"{owner_id}/batches/{batch_id}"
 
+    def batch_chunk(self, owner_id: uuid.UUID, batch_id: uuid.UUID, index: int) -> str:
+        return f"{self.batch_dir(owner_id, batch_id)}/chunks/{index:06d}.arrow"
+
     def path(self, relative: str) -> Path:
         """The absolute path of a stored artifact; refuses anything that escapes the root."""
         resolved = (self.root / relative).resolve()
