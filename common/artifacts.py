@@ -247,6 +247,8 @@ def load_trusted(data: bytes | Path):
     raw = data.read_bytes() if isinstance(data, Path) else bytes(data)
     try:
         found = skops.io.get_untrusted_types(data=raw)
+    except MemoryError:
+        raise  # the sandbox reports its memory limit; a compressed array can hide gigabytes
     except Exception as exc:
         raise ArtifactRejected(f"not a valid skops file ({_brief(exc)})") from None
     refused = [name for name in found if not is_allowlisted_type(name)]
@@ -254,6 +256,8 @@ def load_trusted(data: bytes | Path):
         raise ArtifactRejected(f"the model contains types InferQ does not allow: {', '.join(refused)}")
     try:
         estimator = skops.io.loads(raw, trusted=found)
+    except MemoryError:
+        raise
     except Exception as exc:
         raise ArtifactRejected(f"the skops file could not be loaded ({_brief(exc)})") from None
     _check_tree_content(estimator)
@@ -266,6 +270,8 @@ def to_skops(estimator) -> bytes:
 
     try:
         return skops.io.dumps(estimator)
+    except MemoryError:
+        raise
     except Exception as exc:
         raise ArtifactRejected(f"the model cannot be converted to the skops format ({_brief(exc)})") from None
 

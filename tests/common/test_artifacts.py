@@ -5,11 +5,13 @@ Everything here runs the real sandbox subprocess on real files; nothing is mocke
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import pickle
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -351,6 +353,32 @@ slow_upload("truncated.skops")(partial(_truncated, ext=".skops"))
 ])
 def test_truncated_file_is_refused(outcomes, filename, reason):
     assert _rejection(outcomes[filename]).startswith(reason)
+
+
+@slow_upload("zip-bomb.skops")
+def _skops_file_hiding_a_gigabyte(folder: Path) -> Path:
+    """A valid .skops file whose one array inflates from ~1 MB to 1 GiB of zeros."""
+    X, y = load_diabetes(return_X_y=True)
+    original = zipfile.ZipFile(io.BytesIO(skops.io.dumps(Ridge().fit(X, y))))
+    array_name = next(name for name in original.namelist() if name.endswith(".npy"))
+    path = folder / "zip-bomb.skops"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as bomb:
+        for name in original.namelist():
+            if name != array_name:
+                bomb.writestr(name, original.read(name))
+                continue
+            with bomb.open(name, "w", force_zip64=True) as member:
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    header, {"descr": "<f8", "fortran_order": False, "shape": (2**27,)})
+                member.write(header.getvalue())
+                for _ in range(64):
+                    member.write(bytes(2**24))
+    return path
+
+
+def test_skops_decompression_bomb_is_opened_only_in_the_sandbox(outcomes):
+    assert _rejection(outcomes["zip-bomb.skops"]) == "loading exceeded the sandbox memory limit (1024 MiB)"
 
 
 def test_random_bytes_are_refused(tmp_path):
