@@ -25,13 +25,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import warnings
 import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
-from typing import Any, Iterator
+from types import ModuleType
+from typing import Any, Iterator, NoReturn
 
 
 @dataclass(frozen=True)
@@ -294,23 +293,6 @@ def check_estimator(obj) -> None:
         raise ArtifactRejected(f"the {type(obj).__name__} in the file is not fitted") from None
 
 
-@contextlib.contextmanager
-def recording_sklearn_version() -> Iterator[SimpleNamespace]:
-    """Yield a namespace whose ``version`` is, after the block, the sklearn version of what it loaded."""
-    found = SimpleNamespace(version=None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield found
-    # Matched by name so that files which never import sklearn do not pay for importing it.
-    for warning in caught:
-        if type(warning.message).__name__ == "InconsistentVersionWarning":
-            found.version = str(warning.message.original_sklearn_version)
-            break
-    else:
-        sklearn = sys.modules.get("sklearn")
-        found.version = sklearn.__version__ if sklearn else None
-
-
 def _brief(exc: BaseException) -> str:
     text = " ".join(str(exc).split())[:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -321,20 +303,22 @@ def _brief(exc: BaseException) -> str:
 
 
 def _check_tree_content(estimator) -> None:
+    """Check every tree in the model; a Tree or TreePredictor no check reached is refused."""
+    from sklearn.ensemble import BaseEnsemble
     from sklearn.ensemble._hist_gradient_boosting.gradient_boosting import BaseHistGradientBoosting
     from sklearn.ensemble._hist_gradient_boosting.predictor import TreePredictor
     from sklearn.tree import BaseDecisionTree
     from sklearn.tree._tree import Tree
 
     parts = list(_walk(estimator))
-    checked: set[int] = set()
+    checked: set[int | None] = set()
     for part in parts:
         if isinstance(part, BaseDecisionTree):
             checked.add(_check_decision_tree(part))
         elif isinstance(part, BaseHistGradientBoosting):
             checked.update(_check_hist_gradient_boosting(part))
-        elif hasattr(part, "estimators_") and hasattr(part, "n_features_in_"):
-            _check_tree_widths(part)
+        elif isinstance(part, BaseEnsemble) and hasattr(part, "estimators_"):
+            _check_tree_ensemble(part)
     for part in parts:
         if isinstance(part, (Tree, TreePredictor)) and id(part) not in checked:
             raise ArtifactRejected(f"the model holds a {type(part).__name__} outside the estimator that uses it")
@@ -363,7 +347,7 @@ def _walk(root) -> Iterator[Any]:
             stack.extend(vars(obj).values())
 
 
-def _reject_tree(kind: str, why: str):
+def _reject_tree(kind: str, why: str) -> NoReturn:
     raise ArtifactRejected(f"the model's {kind} is malformed: {why}")
 
 
@@ -397,20 +381,36 @@ def _children_ok(index, left, right, n) -> bool:
     return bool(((left > index) & (left < n) & (right > index) & (right < n)).all())
 
 
-def _check_tree_widths(ensemble) -> None:
-    """Ensembles call their trees without re-checking the input width, so it must match."""
-    from sklearn.tree import BaseDecisionTree
+def _check_tree_ensemble(ensemble) -> None:
+    """Forests, isolation forests and gradient boosting call their trees' compiled code directly."""
+    from sklearn.ensemble import IsolationForest
+    from sklearn.ensemble._forest import BaseForest
+    from sklearn.ensemble._gb import BaseGradientBoosting
 
+    if not isinstance(ensemble, (BaseForest, IsolationForest, BaseGradientBoosting)):
+        return  # other ensembles call each estimator's public, input-checking methods
+    trees = ensemble.estimators_
+    if isinstance(ensemble, BaseGradientBoosting):
+        _check_boosting_shape(ensemble, trees)
+        trees = trees.ravel().tolist()
+    subsets = getattr(ensemble, "estimators_features_", None)  # IsolationForest's feature subsets
+    for i, tree in enumerate(trees):
+        width = len(subsets[i]) if subsets is not None else ensemble.n_features_in_
+        if getattr(tree, "n_features_in_", None) != width:
+            _reject_tree("tree ensemble", "a tree expects a different number of features")
+
+
+def _check_boosting_shape(model, trees) -> None:
+    """predict_stages adds tree k's output into column k of the initial raw predictions."""
     import numpy as np
 
-    trees = np.asarray(ensemble.estimators_, dtype=object).ravel()
-    subsets = getattr(ensemble, "estimators_features_", None)
-    for i, tree in enumerate(trees):
-        if not isinstance(tree, BaseDecisionTree):
-            continue
-        width = len(subsets[i]) if subsets is not None else ensemble.n_features_in_
-        if tree.n_features_in_ != width:
-            _reject_tree("tree ensemble", "a tree expects a different number of features")
+    try:
+        probe = np.zeros((1, model.n_features_in_), dtype=np.float32)
+        width = model._raw_predict_init(probe).shape[1]
+    except Exception:
+        _reject_tree("gradient boosting model", "its initial estimator cannot predict")
+    if not isinstance(trees, np.ndarray) or trees.dtype != object or trees.ndim != 2 or trees.shape[1] != width:
+        _reject_tree("gradient boosting model", "the trees do not match its outputs")
 
 
 def _check_hist_gradient_boosting(model) -> list[int]:
@@ -650,7 +650,11 @@ def run_in_sandbox(script: Path, source: Path, input_name: str, limits: SandboxL
 
 
 def _apply_limits(limits: SandboxLimits) -> None:
-    """Runs in the child between fork and exec; hard limits, so the child cannot raise them."""
+    """Runs in the child between fork and exec; hard limits, so the child cannot raise them.
+
+    The web serves from threads, where preexec_fn is only safe if it takes no lock another
+    thread may hold at fork time: so it makes nothing but getrlimit/setrlimit calls.
+    """
     _limit(resource.RLIMIT_AS, limits.memory_bytes)
     _limit(resource.RLIMIT_CPU, limits.cpu_seconds, hard=limits.cpu_seconds + 1)
     _limit(resource.RLIMIT_FSIZE, limits.memory_bytes)  # the skops output is built in memory anyway
@@ -690,17 +694,21 @@ def _tail(path: Path, size: int = 16_384) -> str:
 
 def validate_upload(path: Path, filename: str, limits: SandboxLimits = SandboxLimits()) -> ValidatedArtifact:
     """Open an uploaded model file in the sandbox; return its skops artifact and metadata."""
-    suffix = Path(filename).suffix.lower()
+    suffix = Path(filename or "").suffix.lower()
     upload_format = SUPPORTED_EXTENSIONS.get(suffix)
     if upload_format is None:
         allowed = ", ".join(SUPPORTED_EXTENSIONS)
-        raise ArtifactRejected(f"unsupported file type '{suffix or filename}': upload one of {allowed}")
+        raise ArtifactRejected(f"unsupported file type '{suffix or filename or ''}': upload one of {allowed}")
     _check_size(Path(path), limits)
+    if upload_format == "skops" and not zipfile.is_zipfile(path):  # reads only the zip directory
+        raise ArtifactRejected("not a valid skops file (it is not a complete zip archive)")
     run = run_in_sandbox(SANDBOX_CHILD, Path(path), f"upload{suffix}", limits)
     report = _sandbox_verdict(run, limits)
     _check_plain_archive(run.output)
     estimator = load_trusted(run.output)
-    metadata = dataclasses.replace(describe(estimator), sklearn_version=report["sklearn_version"])
+    check_estimator(estimator)
+    metadata = describe(estimator)
+    metadata = dataclasses.replace(metadata, sklearn_version=report.get("sklearn_version") or metadata.sklearn_version)
     return ValidatedArtifact(skops_bytes=run.output, metadata=metadata, upload_format=upload_format)
 
 
@@ -720,7 +728,7 @@ def _sandbox_verdict(run: SandboxRun, limits: SandboxLimits) -> dict:
     if run.returncode == 0 and report.get("ok") and run.output:
         return report
     if report.get("ok") is False and report.get("reason"):
-        raise ArtifactRejected(str(report["reason"]))
+        raise ArtifactRejected(str(report["reason"])[:500])
     if run.returncode == -signal.SIGXCPU:
         raise ArtifactRejected(f"loading exceeded the CPU time limit ({limits.cpu_seconds} s)")
     if run.returncode == -signal.SIGKILL:

@@ -185,15 +185,16 @@ def upload_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def outcomes(trained, upload_dir) -> dict[str, ValidatedArtifact | ArtifactRejected]:
     """filename -> what validate_upload made of it, for every model in every format and SLOW_UPLOADS."""
-    paths = {f"{name}{ext}": _save(model, upload_dir / f"{name}{ext}")
-             for name, (model, _, _) in trained.items() for ext in FORMATS}
-    paths.update({filename: build(upload_dir) for filename, build in SLOW_UPLOADS.items()})
+    builders = {f"{name}{ext}": partial(_save, model, upload_dir / f"{name}{ext}")
+                for name, (model, _, _) in trained.items() for ext in FORMATS}
+    builders.update({filename: partial(build, upload_dir) for filename, build in SLOW_UPLOADS.items()})
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        futures = {filename: pool.submit(_outcome, path, filename) for filename, path in paths.items()}
+        futures = {filename: pool.submit(_outcome, build, filename) for filename, build in builders.items()}
         return {filename: future.result() for filename, future in futures.items()}
 
 
-def _outcome(path: Path, filename: str) -> ValidatedArtifact | ArtifactRejected:
+def _outcome(build: Callable[[], Path], filename: str) -> ValidatedArtifact | ArtifactRejected:
+    path = build()
     try:
         return validate_upload(path, filename)
     except ArtifactRejected as rejected:
