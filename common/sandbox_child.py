@@ -19,7 +19,11 @@ import json
 import pickle
 import resource
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 
 def _load_artifacts_module():
@@ -60,6 +64,23 @@ def install_tripwire() -> None:
     pickle._Unpickler.find_class = _guarded(pickle._Unpickler.find_class)
 
 
+@contextmanager
+def recording_sklearn_version() -> Iterator[SimpleNamespace]:
+    """Yield a namespace whose ``version`` is, after the block, the sklearn version of what it loaded."""
+    found = SimpleNamespace(version=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield found
+    # Matched by name so that files which never import sklearn do not pay for importing it.
+    for warning in caught:
+        if type(warning.message).__name__ == "InconsistentVersionWarning":
+            found.version = str(warning.message.original_sklearn_version)
+            break
+    else:
+        sklearn = sys.modules.get("sklearn")
+        found.version = sklearn.__version__ if sklearn else None
+
+
 def open_model(path: Path):
     """The object stored in path, by its extension (the parent named the copy)."""
     if path.suffix == ".skops":
@@ -74,7 +95,7 @@ def open_model(path: Path):
 
 def convert(source: Path, target: Path) -> str:
     """Load source, check it, write it to target as skops; return its sklearn version."""
-    with artifacts.recording_sklearn_version() as recorded:
+    with recording_sklearn_version() as recorded:
         estimator = open_model(source)
     artifacts.check_estimator(estimator)
     data = artifacts.to_skops(estimator)
