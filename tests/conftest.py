@@ -20,14 +20,16 @@ from sqlalchemy.engine import make_url
 from common.config import Settings, sqlalchemy_url
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_REDIS_DB = 15
+# Parallel test sessions on one machine (e.g. two engineers) pick different slots: own database, own Redis db.
+TEST_SLOT = int(os.environ.get("INFERQ_TEST_SLOT", "0"))
+TEST_REDIS_DB = 15 - TEST_SLOT
 PASSWORD = "correct-horse-42"
 
 
 def _test_urls() -> tuple[str, str, str]:
     """(test database URL, admin URL on the same server, test Redis URL) from DATABASE_URL/REDIS_URL."""
     base = make_url(sqlalchemy_url(os.environ["DATABASE_URL"]))
-    test_db = base.set(database=f"{base.database or 'inferq'}_test")
+    test_db = base.set(database=f"{base.database or 'inferq'}_test{TEST_SLOT or ''}")
     admin = base.set(database="postgres")
     redis_url = redis.connection.parse_url(os.environ["REDIS_URL"])
     host = redis_url.get("path") or f"{redis_url.get('host', '127.0.0.1')}:{redis_url.get('port', 6379)}"
@@ -46,6 +48,7 @@ def test_env(tmp_path_factory) -> dict[str, str]:
         "JOB_HARD_TIME_LIMIT": "25", "JOB_MAX_ATTEMPTS": "3", "LOGIN_RATE_LIMIT": "1000 per minute",
         "MODEL_CACHE_SIZE": "5", "BATCH_ROWS_PER_CHUNK": "20000", "LOG_LEVEL": "INFO",
         "SANDBOX_MEMORY_MB": "1024", "SANDBOX_CPU_SECONDS": "20", "SANDBOX_WALL_SECONDS": "30",
+        "WORKER_METRICS_DIR": str(tmp_path_factory.mktemp("worker-metrics")), "WORKER_METRICS_PORT": "0",
     }
 
 
@@ -120,6 +123,14 @@ class WorkerProcess:
                 self.proc.wait()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_for_workers(celery_app, count: int = 1, timeout: float = 60) -> list:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -133,7 +144,8 @@ def wait_for_workers(celery_app, count: int = 1, timeout: float = 60) -> list:
 def workers(app, test_env, tmp_path_factory) -> Iterator[list[WorkerProcess]]:
     """Two real worker processes, two children each, shared by the session."""
     log_dir = tmp_path_factory.mktemp("worker-logs")
-    started = [WorkerProcess(test_env, f"w{i}-{uuid.uuid4().hex[:6]}", log_dir=log_dir).start() for i in range(2)]
+    started = [WorkerProcess({**test_env, "WORKER_METRICS_PORT": str(free_port())}, f"w{i}-{uuid.uuid4().hex[:6]}",
+                             log_dir=log_dir).start() for i in range(2)]
     wait_for_workers(app.extensions["celery"], 2)
     yield started
     for worker in started:

@@ -7,8 +7,8 @@ import uuid
 from pathlib import Path
 
 from celery import current_app, shared_task
-from sqlalchemy import func, literal, select, update
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import cast, func, literal, select, update
+from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
 
 from common.models import BatchChunk, BatchJob, JobStatus
 from common.queues import FINISH_BATCH, PLAN_BATCH, SCORE_CHUNK
@@ -111,7 +111,7 @@ def _record_chunk(batch: BatchJob, index: int, result: ChunkResult) -> bool:
             chunks_done=BatchJob.chunks_done + 1,
             row_errors=func.jsonb_path_query_array(
                 BatchJob.row_errors.op("||")(literal(new_errors, JSONB)),
-                f"$[0 to {MAX_ROW_ERRORS - 1}]"))
+                cast(f"$[0 to {MAX_ROW_ERRORS - 1}]", JSONPATH)))
             .returning(BatchJob.chunks_done, BatchJob.chunks_total)).one()
         s.commit()
     return row.chunks_done == row.chunks_total
@@ -135,6 +135,8 @@ def score_batch_chunk(batch_id: str, index: int) -> None:
     except RowFailure as exc:
         return _fail(batch_uuid, "row_error", f"Stopped at the first bad row: {exc}",
                      {"row": exc.row, "column": exc.column, "reason": exc.reason})
+    except (TabularError, ValueError) as exc:  # the model or the data refused the chunk as a whole
+        return _fail(batch_uuid, "chunk_error", f"Chunk {index} could not be scored: {exc}"[:1000])
     if _record_chunk(batch, index, result):
         current_app.send_task(FINISH_BATCH, args=[batch_id])
 
