@@ -74,9 +74,10 @@ SECURITY_SCHEMES = {
 
 
 def register_blueprints(app: Flask) -> None:
-    from web.api import auth, health, jobs, models
+    from web.api import auth, batches, health, jobs, models
 
     api.register_blueprint(auth.blp, url_prefix="/api/v1/auth")
     api.register_blueprint(models.blp, url_prefix="/api/v1/models")
     api.register_blueprint(jobs.blp, url_prefix="/api/v1")
+    api.register_blueprint(batches.blp, url_prefix="/api/v1/batches")
     app.register_blueprint(health.bp)

@@ -8,7 +8,7 @@ from common.config import Settings
 from common.queues import create_celery
 from worker import runtime
 
-TASK_MODULES = ["worker.tasks.predictions", "worker.tasks.maintenance"]
+TASK_MODULES = ["worker.tasks.predictions", "worker.tasks.batches", "worker.tasks.maintenance"]
 
 
 def create_worker_app(settings: Settings | None = None) -> Celery:

@@ -8,7 +8,6 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -17,25 +16,12 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, or_, select, update
 
-from common.artifacts import load_trusted
-from common.models import JobStatus, ModelVersion, PredictionJob
+from common.models import JobStatus, PredictionJob
 from common.queues import RUN_PREDICTION, job_done_channel
 from worker import runtime
+from worker.serving import ModelInfo, load_model, model_info
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    id: uuid.UUID
-    name: str
-    artifact_path: str
-    artifact_sha256: str
-    task_kind: str
-    feature_names: tuple[str, ...] | None
-    feature_kinds: tuple[str, ...] | None
-    classes: tuple | None
-    has_predict_proba: bool
 
 
 @dataclass(frozen=True)
@@ -45,17 +31,6 @@ class ClaimedJob:
     instances: list
     attempts: int
     queue_ms: float
-
-
-@lru_cache(maxsize=1024)
-def model_info(version_id: uuid.UUID) -> ModelInfo:
-    """A version's serving metadata; versions are immutable, so it is cached for the process's life."""
-    with runtime.session() as s:
-        m = s.get(ModelVersion, version_id)
-        return ModelInfo(m.id, m.name, m.artifact_path, m.artifact_sha256, m.task_kind,
-                         tuple(m.feature_names) if m.feature_names else None,
-                         tuple(m.feature_kinds) if m.feature_kinds else None,
-                         tuple(m.classes) if m.classes is not None else None, m.has_predict_proba)
 
 
 def _claim(job_id: uuid.UUID, takeover_from: str | None = None) -> ClaimedJob | None:
@@ -159,8 +134,7 @@ def execute(job: ClaimedJob) -> None:
     if job.attempts > runtime.settings().job_max_attempts:
         return _fail_exhausted(job)
     info = model_info(job.model_version_id)
-    lookup = runtime.model_cache().get((info.id, info.artifact_sha256),
-                                       lambda: load_trusted(runtime.artifact_store().path(info.artifact_path)))
+    lookup = load_model(info)
     _inject_fault(info)
     started = time.perf_counter()
     try:
