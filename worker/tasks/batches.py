@@ -130,6 +130,9 @@ def score_batch_chunk(batch_id: str, index: int) -> None:
             return
         chunk.status, chunk.attempts = JobStatus.running, chunk.attempts + 1
         s.commit()
+    cap = runtime.settings().job_max_attempts
+    if chunk.attempts > cap:
+        return _fail(batch_uuid, "attempts_exhausted", f"Chunk {index} did not complete in {cap} attempts")
     try:
         result = _score(batch, chunk)
     except RowFailure as exc:
