@@ -13,6 +13,7 @@ from common.extensions import db, jwt, limiter, migrate
 from common.queues import create_celery
 from common.storage import ArtifactStore
 from web.errors import InferQApi, register_error_handlers
+from web.observability import register_observability
 from web.security import register_jwt_callbacks
 
 api = InferQApi()
@@ -28,6 +29,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     register_extensions(app, settings)
     register_blueprints(app)
     register_error_handlers(app)
+    register_observability(app)
     return app
 
 
@@ -35,7 +37,7 @@ def flask_config(settings: Settings) -> dict[str, Any]:
     return {
         "SECRET_KEY": settings.secret_key,
         "SQLALCHEMY_DATABASE_URI": settings.database_url,
-        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True, "hide_parameters": True},  # no payload in logged SQL errors
         "MAX_CONTENT_LENGTH": settings.max_json_bytes,
         "JWT_SECRET_KEY": settings.secret_key,
         "JWT_ACCESS_TOKEN_EXPIRES": timedelta(minutes=settings.access_token_minutes),

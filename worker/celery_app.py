@@ -6,6 +6,7 @@ from celery.signals import worker_process_init
 
 from common.config import Settings
 from common.queues import create_celery
+from worker import observability  # noqa: F401  (connects the JSON-log and metrics signal handlers)
 from worker import runtime
 
 TASK_MODULES = ["worker.tasks.predictions", "worker.tasks.batches", "worker.tasks.maintenance"]

@@ -16,6 +16,7 @@ from common.models import FINAL_STATUSES, JobStatus, PredictionJob
 from common.queues import RUN_PREDICTION, job_done_channel
 from web.errors import ApiError, not_found
 from web.instances import validate_instances
+from web.observability import job_submitted, request_id
 from web.registry import require_servable, resolve_reference
 from web.security import auth_required, current_user, redis_client
 
@@ -97,7 +98,7 @@ def _existing_for_key(key: str) -> PredictionJob | None:
 def _insert_job(model_id: uuid.UUID, rows: list, key: str | None) -> tuple[PredictionJob, bool]:
     """Commit the job row (before any message exists); (job, created)."""
     job = PredictionJob(owner_id=current_user().id, model_version_id=model_id, instances=rows,
-                        idempotency_key=key, request_id=request.headers.get("X-Request-ID"))
+                        idempotency_key=key, request_id=request_id())
     db.session.add(job)
     try:
         db.session.commit()
@@ -153,6 +154,7 @@ def predict(body: dict, query: dict, model_ref: str):
     job, created = _insert_job(model.id, rows, key)
     if created:
         current_app.extensions["celery"].send_task(RUN_PREDICTION, args=[str(job.id)])
+        job_submitted(job)
     return _answer(_wait_for(job, query["wait"]))
 
 

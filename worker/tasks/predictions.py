@@ -19,6 +19,7 @@ from sqlalchemy import func, or_, select, update
 from common.models import JobStatus, PredictionJob
 from common.queues import RUN_PREDICTION, job_done_channel
 from worker import runtime
+from worker.observability import job_finished, model_loaded
 from worker.serving import ModelInfo, load_model, model_info
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def _finish(job: ClaimedJob, values: dict) -> bool:
 
     written = runtime.with_db_retry(write) == 1
     if written:
+        job_finished(job, values)
         runtime.redis_client().publish(job_done_channel(str(job.id)), values["status"].value)
     return written
 
@@ -135,6 +137,7 @@ def execute(job: ClaimedJob) -> None:
         return _fail_exhausted(job)
     info = model_info(job.model_version_id)
     lookup = load_model(info)
+    model_loaded(lookup)
     _inject_fault(info)
     started = time.perf_counter()
     try:

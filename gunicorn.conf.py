@@ -1,0 +1,37 @@
+"""gunicorn reads this file from the working directory: multiprocess metrics and JSON logs for the web.
+
+The Procfile's and docker-compose's gunicorn command lines say how many processes; this file says how
+their metrics add up. prometheus_client decides at import whether it writes per-process files, so the
+directory is chosen here, in the master, before any worker imports the app.
+"""
+import os
+import shutil
+from pathlib import Path
+
+_metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or "var/metrics/web").resolve()
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
+
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "common.logging.json_formatter", "service": "web"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+    "root": {"level": os.environ.get("LOG_LEVEL", "INFO").upper(), "handlers": ["console"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": [], "propagate": True},
+        "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": True},
+    },
+}
+
+
+def on_starting(server) -> None:
+    """Start from an empty metrics directory: files of an earlier run would be summed in."""
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    _metrics_dir.mkdir(parents=True, exist_ok=True)
+
+
+def child_exit(server, worker) -> None:
+    """A finished web process's live gauges stop counting (its counters still do)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,127 @@
+"""Worker wiring for JSON logs and metrics, through Celery's signals.
+
+- every process logs JSON (`setup_logging` replaces Celery's own log set-up);
+- the worker's main process picks its metrics directory and serves the metrics (`celeryd_init`);
+- each task's log lines carry its job, model, user and the request id of the submit that created it;
+- each task's run time, and the model cache's counts, are recorded after it runs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+from celery.signals import (
+    before_task_publish, celeryd_init, setup_logging, task_postrun, task_prerun, worker_process_shutdown,
+)
+from sqlalchemy import select
+
+from common.logging import CONTEXT_HEADER, attach_context_to_message, bind, configure_logging, reset
+from common.models import PredictionJob
+from common.queues import RUN_PREDICTION
+from worker import metrics, runtime
+
+log = logging.getLogger("inferq.worker")
+_running: dict[str, tuple[float, Any]] = {}  # task id -> (start, log context token)
+
+
+def _level(loglevel: int | str | None) -> str:
+    return logging.getLevelName(loglevel) if isinstance(loglevel, int) else str(loglevel or "INFO").upper()
+
+
+@setup_logging.connect
+def _json_logs(loglevel: int | str | None = None, **_kwargs: Any) -> None:
+    configure_logging(_level(loglevel), "worker")
+
+
+@celeryd_init.connect
+def _worker_starting(sender: str | None = None, instance: Any = None, options: dict | None = None,
+                     **_kwargs: Any) -> None:
+    """JSON from the first line (no banner, warnings as log records); metrics directory and exporter."""
+    configure_logging(_level((options or {}).get("loglevel")), "worker")
+    if instance is not None:
+        instance.quiet = True  # the banner is multi-line text; "ready" and the exporter line say the same
+    settings = runtime.settings()
+    path = metrics.node_metrics_dir(settings, sender or f"worker@{os.uname().nodename}")
+    metrics.use_multiprocess_dir(path)
+    metrics.start_exporter(settings, path)
+
+
+def job_context(job_id: str) -> dict[str, Any]:
+    """Who and what a prediction job is about, from its row: the database keeps the submit's request id."""
+    try:
+        with runtime.session() as s:
+            row = s.execute(select(PredictionJob.request_id, PredictionJob.owner_id, PredictionJob.model_version_id)
+                            .where(PredictionJob.id == uuid.UUID(job_id))).first()
+    except Exception:  # a context lookup must never fail the job it describes
+        log.warning("could not read the job's log context", extra={"job_id": job_id}, exc_info=True)
+        return {"job_id": job_id}
+    if row is None:
+        return {"job_id": job_id}
+    return {"job_id": job_id, "request_id": row.request_id, "user_id": row.owner_id, "model_id": row.model_version_id}
+
+
+def _task_context(task: Any, args: tuple | None) -> dict[str, Any]:
+    context = dict(task.request.get(CONTEXT_HEADER) or {})  # what the publisher bound, e.g. a web request
+    if task.name == RUN_PREDICTION and args:
+        context.update({k: v for k, v in job_context(str(args[0])).items() if v is not None})
+    return context
+
+
+@task_prerun.connect
+def _task_started(task_id: str | None = None, task: Any = None, args: tuple | None = None, **_kwargs: Any) -> None:
+    token = bind(**_task_context(task, args))
+    _running[task_id] = (time.perf_counter(), token)
+
+
+@task_postrun.connect
+def _task_finished(task_id: str | None = None, task: Any = None, state: str | None = None, **_kwargs: Any) -> None:
+    started, token = _running.pop(task_id, (None, None))
+    try:
+        if started is not None:
+            metrics.record_task(task.name, state or "UNKNOWN", time.perf_counter() - started)
+        metrics.sync_model_cache(runtime.model_cache())
+    finally:
+        if token is not None:
+            reset(token)
+
+
+def task_elapsed(task_id: str | None) -> float | None:
+    started = _running.get(task_id or "", (None, None))[0]
+    return None if started is None else time.perf_counter() - started
+
+
+def job_finished(job: Any, values: dict) -> None:
+    """Count, time and log a prediction job whose outcome was just written."""
+    from celery import current_task
+
+    status = values["status"].value
+    error = values.get("error") or {}
+    queue_s = job.queue_ms / 1000 if job.queue_ms is not None else None
+    # the job's total is submit -> now: its queue time plus how long this task has run since
+    elapsed = task_elapsed(current_task.request.id if current_task else None)
+    total_s = queue_s + elapsed if queue_s is not None and elapsed is not None else None
+    load_s = values["load_ms"] / 1000 if values.get("load_ms") is not None else None
+    inference_s = values["inference_ms"] / 1000 if values.get("inference_ms") is not None else None
+    metrics.record_job(job.model_version_id, status, error.get("code"), queue_s, load_s, inference_s, total_s)
+    log.info("job finished", extra={
+        "job_id": str(job.id), "model_id": str(job.model_version_id), "status": status,
+        "error_code": error.get("code"), "cache_hit": values.get("cache_hit"), "attempt": job.attempts,
+        "queue_ms": job.queue_ms, "load_ms": values.get("load_ms"), "inference_ms": values.get("inference_ms")})
+
+
+def model_loaded(lookup: Any) -> None:
+    """Observe a model load (a cache miss)."""
+    if not lookup.hit:
+        metrics.record_model_load(lookup.load_seconds)
+
+
+@worker_process_shutdown.connect
+def _process_gone(pid: int | None = None, **_kwargs: Any) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics.forget_process(pid or os.getpid())
+
+
+before_task_publish.connect(attach_context_to_message)
