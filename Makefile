@@ -9,7 +9,7 @@ SERVICES := eval "$$($(BIN)/python -m scripts.dev_services up)"
 FLOWER_BASIC_AUTH ?= admin:inferq-dev
 export FLOWER_BASIC_AUTH
 
-.PHONY: install run test migrate services-down bench bench-quick clean
+.PHONY: install run test migrate services-down bench bench-quick soak clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,20 @@ run: install
 test: install
 	@mkdir -p var
 	@$(SERVICES) && python -m pytest $(PYTEST_ARGS)
+
+# issue 7: the whole stack against same-run baselines (own database inferq_bench, Redis db 10) -> bench/results.json
+bench: install
+	@mkdir -p var
+	@$(SERVICES) && python -m bench.run
+
+bench-quick: install
+	@mkdir -p var
+	@$(SERVICES) && python -m bench.run --quick
+
+# issue 7: chaos soak (killed workers, a replaced worker, Redis restarts); its own database and Redis server
+soak: install
+	@mkdir -p var
+	@$(SERVICES) && python -m bench.soak
 
 services-down:
 	$(BIN)/python -m scripts.dev_services down

