@@ -27,10 +27,11 @@ run: install
 	@$(SERVICES) && flask db upgrade && \
 	  echo "InferQ API:   http://$${WEB_HOST:-127.0.0.1}:$${WEB_PORT:-8000}/api/v1/docs" && \
 	  echo "Flower:       http://$${FLOWER_HOST:-127.0.0.1}:$${FLOWER_PORT:-5555}  (basic auth $$FLOWER_BASIC_AUTH)" && \
-	  echo "Metrics:      http://$${WEB_HOST:-127.0.0.1}:$${WEB_PORT:-8000}/metrics" && \
+	  echo "Metrics:      http://$${WEB_HOST:-127.0.0.1}:$${WEB_PORT:-8000}/metrics  and each worker's http://$${WORKER_METRICS_HOST:-127.0.0.1}:$${WORKER_METRICS_PORT:-9808}/metrics" && \
+	  echo "Dashboard:    http://$${WEB_HOST:-127.0.0.1}:$${WEB_PORT:-8000}/dashboard" && \
 	  exec honcho start -f Procfile web worker beat flower
 
-test: install
+test: install test-deps
 	@mkdir -p var
 	@$(SERVICES) && python -m pytest $(PYTEST_ARGS)
 
@@ -47,6 +48,11 @@ bench-quick: install
 soak: install
 	@mkdir -p var
 	@$(SERVICES) && python -m bench.soak
+
+# the dashboard test drives Debian's headless chromium; CI runs as root, so apt can install it
+.PHONY: test-deps
+test-deps:
+	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
 services-down:
 	$(BIN)/python -m scripts.dev_services down

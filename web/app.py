@@ -77,9 +77,13 @@ SECURITY_SCHEMES = {
 
 def register_blueprints(app: Flask) -> None:
     from web.api import auth, batches, health, jobs, models
+    from web import dashboard
+    from web.api import stats
 
     api.register_blueprint(auth.blp, url_prefix="/api/v1/auth")
     api.register_blueprint(models.blp, url_prefix="/api/v1/models")
     api.register_blueprint(jobs.blp, url_prefix="/api/v1")
+    api.register_blueprint(stats.blp, url_prefix="/api/v1")
     api.register_blueprint(batches.blp, url_prefix="/api/v1/batches")
     app.register_blueprint(health.bp)
+    app.register_blueprint(dashboard.bp)

@@ -13,8 +13,10 @@ import psutil
 import pytest
 import requests
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, upload
 from tests.test_layout import procfile
+from tests.web.test_stats import percentiles
+from tests.worker.test_jobs import submit
 
 FLOWER_AUTH = ("ops", "flower-test-pw-7")
 
@@ -26,6 +28,19 @@ def test_readiness_is_200_with_database_redis_and_workers_up(client, workers):
     assert response.json["status"] == "ready" and all(check["ok"] for check in checks.values())
     assert checks["workers"]["count"] >= len(workers)
     assert {w.name for w in workers} <= {name.split("@")[0] for name in checks["workers"]["names"]}
+
+
+def test_stats_of_real_jobs_agree_with_their_timings(client, user, workers, iris_model):
+    version = upload(client, user["headers"], iris_model[0], name="measured")
+    jobs = [submit(client, user["headers"], version["id"], [[5.0, 3.0, 1.5, 0.2]], wait=20).json for _ in range(5)]
+    jobs.append(submit(client, user["headers"], version["id"], [[None, 1.0, 1.0, 1.0]], wait=20).json)
+    assert [j["status"] for j in jobs] == ["succeeded"] * 5 + ["failed"]
+    stats = client.get(f"/api/v1/models/{version['id']}/stats?window=15m", headers=user["headers"]).json
+    assert (stats["jobs"]["succeeded"], stats["jobs"]["failed"], stats["error_rate"]) == (5, 1, pytest.approx(1 / 6))
+    assert stats["cache_hit_rate"] == pytest.approx(sum(j["cache_hit"] for j in jobs) / 6)
+    for phase, finished in (("total_ms", jobs), ("queue_ms", jobs), ("inference_ms", jobs[:5])):
+        assert stats["latency"][phase] == pytest.approx(percentiles([j["timings"][phase] for j in finished])), phase
+    assert sum(p["jobs"] for p in stats["series"]) == 6
 
 
 def _flower_env(test_env: dict, port: int, auth: str | None) -> dict[str, str]:
