@@ -7,7 +7,8 @@ from flask_sqlalchemy import SQLAlchemy
 
 from common.models import Base
 
-db = SQLAlchemy(model_class=Base)
+# a handler serialises what it just committed; expiring it on commit would re-read every row
+db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
 migrate = Migrate()
 jwt = JWTManager()
 limiter = Limiter(key_func=get_remote_address, default_limits=[], headers_enabled=True)

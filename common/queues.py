@@ -54,8 +54,8 @@ def celery_config(settings: Settings) -> dict:
                                     "time_limit": settings.batch_task_time_limit + 30}
                              for name in (PLAN_BATCH, SCORE_CHUNK, FINISH_BATCH)},
         "task_default_queue": PREDICTIONS_QUEUE,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # task events cost a Redis publish per task; Flower switches them on while it runs
+        "worker_send_task_events": False,
         "beat_schedule": {
             "reconcile-jobs": {"task": RECONCILE_JOBS, "schedule": settings.reconcile_interval_seconds},
             "purge-results": {"task": PURGE_RESULTS, "schedule": 3600.0},
