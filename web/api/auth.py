@@ -199,7 +199,10 @@ def logout(data: dict):
 @auth_required
 def me():
     """The signed-in user."""
-    return current_user()
+    user = db.session.get(User, current_user().id)
+    if user is None:
+        raise ApiError(401, "invalid_token", "The token's user no longer exists")
+    return user
 
 
 @blp.route("/api-keys")
