@@ -6,9 +6,23 @@ directory is chosen here, in the master, before any worker imports the app.
 """
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-_metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or "var/metrics/web").resolve()
+
+def _metrics_dir() -> Path:
+    """PROMETHEUS_MULTIPROC_DIR, else var/metrics/web, else (a read-only checkout, e.g. the image) a temp dir."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).resolve()
+    default = Path("var/metrics/web").resolve()
+    try:
+        default.mkdir(parents=True, exist_ok=True)
+        return default
+    except OSError:
+        return Path(tempfile.gettempdir()) / "inferq-metrics" / "web"
+
+
+_metrics_dir = _metrics_dir()
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
 
 logconfig_dict = {

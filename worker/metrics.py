@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -127,15 +128,24 @@ def node_metrics_dir(settings: Settings, nodename: str) -> Path:
     return Path(settings.worker_metrics_dir).resolve() / re.sub(r"[^A-Za-z0-9_.@-]", "_", nodename)
 
 
-def use_multiprocess_dir(path: Path) -> None:
-    """Empty `path` and make this process and its future pool children record there."""
+def use_multiprocess_dir(path: Path) -> Path:
+    """Empty `path` (a temp dir if it cannot be written) and make this process and its pool children record there."""
     shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a read-only checkout in an image: metrics still work, from a temp dir
+        fallback = Path(tempfile.gettempdir()) / "inferq-metrics" / path.name
+        log.warning("worker metrics directory not writable; using a temp dir",
+                    extra={"wanted": str(path), "using": str(fallback), "reason": str(exc)})
+        path = fallback
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
     import prometheus_client.values as values
 
     # prometheus_client picks file-backed values at import; the worker only now knows it wants them
     values.ValueClass = values.get_value_class()
+    return path
 
 
 def forget_process(pid: int) -> None:

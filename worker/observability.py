@@ -44,8 +44,7 @@ def _worker_starting(sender: str | None = None, instance: Any = None, options: d
     if instance is not None:
         instance.quiet = True  # the banner is multi-line text; "ready" and the exporter line say the same
     settings = runtime.settings()
-    path = metrics.node_metrics_dir(settings, sender or f"worker@{os.uname().nodename}")
-    metrics.use_multiprocess_dir(path)
+    path = metrics.use_multiprocess_dir(metrics.node_metrics_dir(settings, sender or f"worker@{os.uname().nodename}"))
     metrics.start_exporter(settings, path)
 
 

@@ -69,3 +69,17 @@ def test_batch_rows_helper_counts_scored_and_failed_rows():
     record_batch_rows("model-a", 500)
     assert REGISTRY.get_sample_value("inferq_batch_rows_scored_total", {"model_id": "model-a"}) == 1500
     assert REGISTRY.get_sample_value("inferq_batch_rows_failed_total", {"model_id": "model-a"}) == 3
+
+
+def test_an_unwritable_metrics_dir_falls_back_to_a_temp_dir():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("from pathlib import Path; import os; from worker.metrics import use_multiprocess_dir; "
+            "p = use_multiprocess_dir(Path('/proc/inferq-no-such-dir/w1@host')); "
+            "print(p, p.is_dir(), os.environ['PROMETHEUS_MULTIPROC_DIR'] == str(p))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    path, is_dir, exported = out.split()
+    assert path.endswith("inferq-metrics/w1@host") and is_dir == exported == "True"
