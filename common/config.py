@@ -80,6 +80,7 @@ class Settings:
     # workers
     model_cache_size: int = 5
     model_cache_bytes: int = 1024 * 1024 * 1024
+    adaptive_batch_max_jobs: int = 32
     # batches
     batch_rows_per_chunk: int = 50_000
     batch_task_time_limit: int = 1800
@@ -120,6 +121,7 @@ class Settings:
             reconcile_interval_seconds=_float(env, "RECONCILE_INTERVAL_SECONDS", 30.0),
             model_cache_size=_int(env, "MODEL_CACHE_SIZE", 5),
             model_cache_bytes=_int(env, "MODEL_CACHE_BYTES", cls.model_cache_bytes),
+            adaptive_batch_max_jobs=_int(env, "ADAPTIVE_BATCH_MAX_JOBS", 32),
             batch_rows_per_chunk=_int(env, "BATCH_ROWS_PER_CHUNK", 50_000),
             batch_task_time_limit=_int(env, "BATCH_TASK_TIME_LIMIT", 1800),
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 9808),

@@ -147,6 +147,9 @@ class PredictionJob(Base):
         # the reconciler scans only unfinished jobs
         Index("ix_prediction_jobs_unfinished", "status", "created_at",
               postgresql_where=text("status IN ('queued', 'running')")),
+        # a worker batching queued jobs of one model reads them oldest first
+        Index("ix_prediction_jobs_queued_by_model", "model_version_id", "created_at",
+              postgresql_where=text("status = 'queued'")),
     )
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))

@@ -122,3 +122,26 @@ def test_regressor_has_no_probabilities(client, user, workers):
     job = submit(client, user["headers"], version["id"], X[:2].tolist(), wait=20).json
     np.testing.assert_allclose(job["result"]["predictions"], model.predict(X[:2]))
     assert "probabilities" not in job["result"]
+
+
+def test_queued_jobs_of_one_model_are_scored_together_each_with_its_own_result(client, app, user, workers,
+                                                                               iris_model):
+    model, X = iris_model
+    version = upload(client, user["headers"], model, name="adaptive")
+    celery = app.extensions["celery"]
+    celery.control.cancel_consumer("predictions", reply=True)
+    try:  # let a backlog build up, as when clients submit faster than workers score
+        ids = [submit(client, user["headers"], version["id"], X[i:i + 1 + i % 2].tolist()).json["id"]
+               for i in range(40)]
+    finally:
+        celery.control.add_consumer("predictions", reply=True)
+    jobs = [wait_job(client, user["headers"], job_id) for job_id in ids]
+    for i, job in enumerate(jobs):
+        rows = X[i:i + 1 + i % 2]
+        assert job["status"] == "succeeded" and job["attempts"] == 1
+        assert job["result"]["predictions"] == model.predict(rows).tolist()
+        np.testing.assert_allclose(job["result"]["probabilities"], model.predict_proba(rows), rtol=1e-6)
+    scored_together = {}
+    for job in jobs:  # jobs from one predict call share a worker and the call's inference time
+        scored_together.setdefault((job["worker"], job["timings"]["inference_ms"]), []).append(job["id"])
+    assert max(len(group) for group in scored_together.values()) > 1

@@ -1,6 +1,13 @@
-"""Run one prediction job: claim it, get the model from the cache, predict, record the outcome once."""
+"""Run prediction jobs: claim, get the model from the cache, predict, record each outcome once.
+
+When jobs for one model queue up faster than they run, the worker that claims one also claims
+up to ADAPTIVE_BATCH_MAX_JOBS - 1 other queued jobs of that model and scores them in one predict
+call (adaptive batching). Each job keeps its own result, timings and compare-and-swap guards, and
+the other jobs' own messages later find them finished and write nothing.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -14,7 +21,7 @@ import numpy as np
 import pandas as pd
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import select, text
 
 from common.models import JobStatus, PredictionJob
 from common.queues import RUN_PREDICTION, job_done_channel
@@ -34,22 +41,49 @@ class ClaimedJob:
     queue_ms: float
 
 
-def _claim(job_id: uuid.UUID, takeover_from: str | None = None) -> ClaimedJob | None:
-    """Compare-and-swap queued -> running (or take over from a dead worker); None if not ours to run."""
-    claimable = PredictionJob.status == JobStatus.queued
-    if takeover_from:
-        claimable = or_(claimable, (PredictionJob.status == JobStatus.running) & (PredictionJob.worker == takeover_from))
-    now = func.clock_timestamp()
-    stmt = (update(PredictionJob).where(PredictionJob.id == job_id, claimable)
-            .values(status=JobStatus.running, attempts=PredictionJob.attempts + 1, started_at=now,
-                    worker=runtime.identity(),
-                    queue_ms=func.extract("epoch", now - PredictionJob.created_at) * 1000)
-            .returning(PredictionJob.model_version_id, PredictionJob.instances, PredictionJob.attempts,
-                       PredictionJob.queue_ms))
+_CLAIMED = "j.id, j.model_version_id, j.instances, j.attempts, j.queue_ms"
+_START = """status = 'running', attempts = j.attempts + 1, started_at = clock_timestamp(), worker = :worker,
+            queue_ms = extract(epoch FROM clock_timestamp() - j.created_at) * 1000"""
+# This job if still queued, plus the oldest queued jobs of its model that no one else is claiming.
+CLAIM_WITH_PEERS = text(f"""
+    WITH target AS (
+        SELECT id, model_version_id FROM prediction_jobs WHERE id = :job_id AND status = 'queued'
+        FOR UPDATE SKIP LOCKED
+    ), peers AS (
+        SELECT p.id FROM prediction_jobs p JOIN target t ON p.model_version_id = t.model_version_id
+        WHERE p.status = 'queued' AND p.id <> t.id ORDER BY p.created_at LIMIT :peers
+        FOR UPDATE OF p SKIP LOCKED
+    )
+    UPDATE prediction_jobs j SET {_START}
+    WHERE j.id IN (SELECT id FROM target UNION ALL SELECT id FROM peers)
+    RETURNING {_CLAIMED}""")
+TAKE_OVER = text(f"""
+    UPDATE prediction_jobs j SET {_START}
+    WHERE j.id = :job_id AND j.status = 'running' AND j.worker = :dead_worker
+    RETURNING {_CLAIMED}""")
+# One statement records every outcome; the status and attempt guards make a stale attempt write nothing.
+FINISH = text("""
+    UPDATE prediction_jobs j SET status = v.status, result = v.result, error = v.error, cache_hit = v.cache_hit,
+           load_ms = v.load_ms, inference_ms = v.inference_ms, finished_at = clock_timestamp(),
+           total_ms = extract(epoch FROM clock_timestamp() - j.created_at) * 1000
+    FROM jsonb_to_recordset(CAST(:outcomes AS jsonb)) AS v(id uuid, attempts int, status text, result jsonb,
+         error jsonb, cache_hit boolean, load_ms float8, inference_ms float8)
+    WHERE j.id = v.id AND j.status = 'running' AND j.attempts = v.attempts
+    RETURNING j.id""")
+
+
+def _claim(statement, **params) -> list[ClaimedJob]:
     with runtime.session() as s:
-        row = s.execute(stmt).first()
+        rows = s.execute(statement, {"worker": runtime.identity(), **params}).all()
         s.commit()
-    return ClaimedJob(job_id, *row) if row else None
+    return [ClaimedJob(*row) for row in rows]
+
+
+def claim(job_id: uuid.UUID) -> list[ClaimedJob]:
+    """The job (first) and its queued peers, now running here; empty if the job is not queued."""
+    peers = max(runtime.settings().adaptive_batch_max_jobs - 1, 0)
+    jobs = runtime.with_db_retry(lambda: _claim(CLAIM_WITH_PEERS, job_id=job_id, peers=peers))
+    return sorted(jobs, key=lambda job: job.id != job_id)
 
 
 def _holder(job_id: uuid.UUID) -> tuple[JobStatus, str | None] | None:
@@ -83,13 +117,23 @@ def build_features(info: ModelInfo, rows: list) -> Any:
     return np.asarray(rows, dtype=np.float64)
 
 
-def predict(model: Any, info: ModelInfo, rows: list) -> dict:
+def predict(model: Any, info: ModelInfo, rows: list) -> list[dict]:
+    """One result per row: its prediction and, for classifiers, its class probabilities."""
     features = build_features(info, rows)
-    result: dict[str, Any] = {"predictions": np.asarray(model.predict(features)).tolist()}
-    if info.has_predict_proba and info.task_kind == "classifier":
-        result["probabilities"] = np.asarray(model.predict_proba(features)).tolist()
-        result["classes"] = list(info.classes) if info.classes is not None else None
-    return result
+    predictions = np.asarray(model.predict(features)).tolist()
+    if not (info.has_predict_proba and info.task_kind == "classifier"):
+        return [{"predictions": [p]} for p in predictions]
+    probabilities = np.asarray(model.predict_proba(features)).tolist()
+    classes = list(info.classes) if info.classes is not None else None
+    return [{"predictions": [p], "probabilities": [q], "classes": classes} for p, q in zip(predictions, probabilities)]
+
+
+def merge(rows: list[dict]) -> dict:
+    """A job's result from its rows' results."""
+    merged = {key: [v for row in rows for v in row[key]] for key in rows[0] if key != "classes"}
+    if "classes" in rows[0]:
+        merged["classes"] = rows[0]["classes"]
+    return merged
 
 
 def _inject_fault(info: ModelInfo) -> None:
@@ -102,74 +146,90 @@ def _inject_fault(info: ModelInfo) -> None:
         time.sleep(float(match.group(1)))
 
 
-def _finish(job: ClaimedJob, values: dict) -> bool:
-    """Record the outcome in one transaction, only if this attempt still holds the job."""
-    now = func.clock_timestamp()
-    stmt = (update(PredictionJob)
-            .where(PredictionJob.id == job.id, PredictionJob.status == JobStatus.running,
-                   PredictionJob.attempts == job.attempts)
-            .values(finished_at=now, total_ms=func.extract("epoch", now - PredictionJob.created_at) * 1000,
-                    **values))
+def _failure(code: str, message: str) -> dict:
+    return {"status": JobStatus.failed, "error": {"code": code, "message": message}}
 
-    def write() -> int:
+
+def _model_error(exc: Exception) -> dict:
+    message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
+    return _failure("prediction_error", f"{type(exc).__name__}: {message}")
+
+
+def finish(outcomes: list[tuple[ClaimedJob, dict]]) -> int:
+    """Record outcomes in one transaction, each only if its attempt still holds the job; wake waiters."""
+    payload = json.dumps([{"id": str(job.id), "attempts": job.attempts, "status": values["status"].value,
+                           **{k: v for k, v in values.items() if k != "status"}} for job, values in outcomes])
+
+    def write() -> set[uuid.UUID]:
         with runtime.session() as s:
-            count = s.execute(stmt).rowcount
+            written = set(s.scalars(FINISH, {"outcomes": payload}))
             s.commit()
-            return count
+            return written
 
-    written = runtime.with_db_retry(write) == 1
-    if written:
-        job_finished(job, values)
-        runtime.redis_client().publish(job_done_channel(str(job.id)), values["status"].value)
-    return written
-
-
-def _fail_exhausted(job: ClaimedJob) -> None:
-    cap = runtime.settings().job_max_attempts
-    _finish(job, {"status": JobStatus.failed, "error": {
-        "code": "attempts_exhausted",
-        "message": f"The job did not complete in {cap} attempts (its worker crashed or was lost each time)"}})
+    written = runtime.with_db_retry(write)
+    with runtime.redis_client().pipeline(transaction=False) as pipe:
+        for job, values in outcomes:
+            if job.id in written:
+                job_finished(job, values)
+                pipe.publish(job_done_channel(str(job.id)), values["status"].value)
+        pipe.execute()
+    return len(written)
 
 
-def execute(job: ClaimedJob) -> None:
-    """Score a claimed job and record success or a user-facing failure."""
-    if job.attempts > runtime.settings().job_max_attempts:
-        return _fail_exhausted(job)
-    info = model_info(job.model_version_id)
-    lookup = load_model(info)
-    model_loaded(lookup)
-    _inject_fault(info)
+def score(jobs: list[ClaimedJob], info: ModelInfo, model: Any) -> list[dict]:
+    """Each job's outcome; one predict call for all, or one per job if the shared call fails."""
     started = time.perf_counter()
     try:
-        result = predict(lookup.model, info, job.instances)
+        rows = predict(model, info, [row for job in jobs for row in job.instances])
     except SoftTimeLimitExceeded:
         raise
     except Exception as exc:  # a model's own error is the user's answer, not a worker crash
-        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
-        _finish(job, {"status": JobStatus.failed, "cache_hit": lookup.hit,
-                      "error": {"code": "prediction_error", "message": f"{type(exc).__name__}: {message}"}})
+        if len(jobs) == 1:
+            return [_model_error(exc)]
+        return [outcome for job in jobs for outcome in score([job], info, model)]
+    inference_ms = (time.perf_counter() - started) * 1000
+    outcomes, offset = [], 0
+    for job in jobs:
+        n = len(job.instances)
+        outcomes.append({"status": JobStatus.succeeded, "result": merge(rows[offset:offset + n]),
+                         "inference_ms": inference_ms})
+        offset += n
+    return outcomes
+
+
+def execute(jobs: list[ClaimedJob]) -> None:
+    """Score claimed jobs of one model and record success or a user-facing failure for each."""
+    cap = runtime.settings().job_max_attempts
+    exhausted = [job for job in jobs if job.attempts > cap]
+    if exhausted:
+        finish([(job, _failure("attempts_exhausted", f"The job did not complete in {cap} attempts "
+                                                     "(its worker crashed or was lost each time)")) for job in exhausted])
+    jobs = [job for job in jobs if job.attempts <= cap]
+    if not jobs:
         return
-    _finish(job, {"status": JobStatus.succeeded, "result": result, "cache_hit": lookup.hit,
-                  "load_ms": lookup.load_seconds * 1000, "inference_ms": (time.perf_counter() - started) * 1000})
+    info = model_info(jobs[0].model_version_id)
+    lookup = load_model(info)
+    model_loaded(lookup)
+    _inject_fault(info)
+    cache = {"cache_hit": lookup.hit, "load_ms": lookup.load_seconds * 1000}
+    finish([(job, {**cache, **outcome}) for job, outcome in zip(jobs, score(jobs, info, model=lookup.model))])
 
 
 @shared_task(name=RUN_PREDICTION, bind=True, max_retries=None)
 def run_prediction(self, job_id: str) -> None:
-    """Run a prediction job; a duplicate delivery of a finished or running job writes nothing."""
+    """Run a prediction job (and its queued peers); a duplicate delivery of a finished job writes nothing."""
     job_uuid = uuid.UUID(job_id)
-    job = runtime.with_db_retry(lambda: _claim(job_uuid))
-    if job is None:
+    jobs = claim(job_uuid)
+    if not jobs:
         holder = _holder(job_uuid)
         if holder is None or holder[0] != JobStatus.running:
             return  # finished, cancelled or deleted: nothing to do
         if not _is_dead_local_worker(holder[1]):
             # held by a live (or remote) worker: look again later; the reconciler covers lost holders
             raise self.retry(countdown=5)
-        job = _claim(job_uuid, takeover_from=holder[1])
-        if job is None:
-            return
+        jobs = _claim(TAKE_OVER, job_id=job_uuid, dead_worker=holder[1])
     try:
-        execute(job)
+        execute(jobs)
     except SoftTimeLimitExceeded:
-        _finish(job, {"status": JobStatus.failed, "error": {
-            "code": "time_limit", "message": f"Prediction exceeded {runtime.settings().job_soft_time_limit}s"}})
+        limit = runtime.settings().job_soft_time_limit
+        finish([(job, _failure("time_limit", f"Prediction exceeded {limit}s")) for job in jobs])
