@@ -18,7 +18,9 @@ from celery.signals import (
 )
 from sqlalchemy import select
 
-from common.logging import CONTEXT_HEADER, attach_context_to_message, bind, configure_logging, reset
+from common.logging import (
+    CONTEXT_HEADER, attach_context_to_message, bind, configure_logging, current_context, reset,
+)
 from common.models import PredictionJob
 from common.queues import RUN_PREDICTION
 from worker import metrics, runtime
@@ -92,6 +94,15 @@ def task_elapsed(task_id: str | None) -> float | None:
     return None if started is None else time.perf_counter() - started
 
 
+def _own_context(job: Any) -> dict[str, Any]:
+    """A job scored alongside the message's job (adaptive batching) is logged with its own submit's context."""
+    if current_context().get("job_id") in (None, str(job.id)):
+        return {}
+    if getattr(job, "request_id", None) is not None:
+        return {"request_id": job.request_id}
+    return {k: str(v) for k, v in job_context(str(job.id)).items() if v is not None}
+
+
 def job_finished(job: Any, values: dict) -> None:
     """Count, time and log a prediction job whose outcome was just written."""
     from celery import current_task
@@ -106,7 +117,7 @@ def job_finished(job: Any, values: dict) -> None:
     inference_s = values["inference_ms"] / 1000 if values.get("inference_ms") is not None else None
     metrics.record_job(job.model_version_id, status, error.get("code"), queue_s, load_s, inference_s, total_s)
     log.info("job finished", extra={
-        "job_id": str(job.id), "model_id": str(job.model_version_id), "status": status,
+        **_own_context(job), "job_id": str(job.id), "model_id": str(job.model_version_id), "status": status,
         "error_code": error.get("code"), "cache_hit": values.get("cache_hit"), "attempt": job.attempts,
         "queue_ms": job.queue_ms, "load_ms": values.get("load_ms"), "inference_ms": values.get("inference_ms")})
 

@@ -92,3 +92,18 @@ def test_request_id_is_stored_with_the_job(app, client, user, workers, iris_mode
         assert (returned == header.get("X-Request-ID")) is expect_sent
         with app.app_context():
             assert db.session.get(PredictionJob, uuid.UUID(response.json["id"])).request_id == returned
+
+
+def test_a_job_scored_with_another_jobs_message_is_logged_with_its_own_request_id(caplog):
+    from types import SimpleNamespace
+
+    from common.logging import log_context
+    from common.models import JobStatus
+    from worker.observability import job_finished
+
+    peer = SimpleNamespace(id=uuid.uuid4(), model_version_id=uuid.uuid4(), queue_ms=5.0, attempts=1,
+                           request_id="peer-submit")
+    with caplog.at_level("INFO"), log_context(job_id=str(uuid.uuid4()), request_id="message-submit"):
+        job_finished(peer, {"status": JobStatus.succeeded, "inference_ms": 1.0, "load_ms": 0.0, "cache_hit": True})
+    record = [r for r in caplog.records if r.getMessage() == "job finished"][-1]
+    assert (record.request_id, record.job_id) == ("peer-submit", str(peer.id))
