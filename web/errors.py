@@ -8,7 +8,10 @@ from typing import Any
 import marshmallow as ma
 from flask import Flask, jsonify
 from flask_smorest import Api
+from sqlalchemy.exc import DataError
 from werkzeug.exceptions import HTTPException
+
+from common.extensions import db
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,9 @@ class InferQApi(Api):
         message = data.get("message") or error.description or error.name
         if error.code == 413:
             message = "The request body is larger than this endpoint accepts"
-        headers = dict(data.get("headers") or {})
+        # the exception's own headers (a 405's Allow, a 401's WWW-Authenticate) stay; the body is ours
+        headers = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
+        headers.update(data.get("headers") or {})
         if error.code == 429:
             message = f"Too many requests: limit is {error.description}"
         return error_response(error.code or 500, _code_for(error), message, headers=headers)
@@ -87,6 +92,15 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def handle_api_error(exc: ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.errorhandler(DataError)
+    def handle_unstorable_value(exc: DataError):
+        # PostgreSQL refused a value (SQLSTATE class 22): a NUL character, which JSON strings may hold and text
+        # columns may not, or a number out of range. The client sent it; the statement's parameters stay unlogged.
+        db.session.rollback()
+        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
+        log.warning("value refused by the database: %s", reason)
+        return error_response(422, "unstorable_value", f"A value in the request cannot be stored: {reason}")
 
     @app.errorhandler(Exception)
     def handle_unexpected(exc: Exception):

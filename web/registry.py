@@ -77,7 +77,7 @@ def resolve_reference(owner_id: uuid.UUID, reference: str) -> ModelVersion:
     query = select(ModelVersion).where(ModelVersion.owner_id == owner_id, ModelVersion.name == name)
     if selector == "latest":
         query = query.where(ModelVersion.status != ModelStatus.archived).order_by(ModelVersion.version.desc())
-    elif re.fullmatch(r"v\d+", selector):
+    elif re.fullmatch(r"v\d{1,9}", selector):  # a longer number is no version (they are 32-bit integers)
         query = query.where(ModelVersion.version == int(selector[1:]))
     else:
         query = query.join(ModelAlias, ModelAlias.version_id == ModelVersion.id).where(

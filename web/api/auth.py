@@ -49,7 +49,9 @@ class CredentialsSchema(ma.Schema):
 
 class RegisterSchema(CredentialsSchema):
     email = ma.fields.String(required=True, validate=ma.validate.Length(max=254))
-    password = ma.fields.String(required=True, validate=check_password_policy)
+    password = ma.fields.String(required=True, validate=check_password_policy,
+                                metadata={"minLength": 10, "maxLength": 128,
+                                          "description": "10 to 128 characters, at least one letter and one digit"})
 
     @ma.post_load
     def normalise(self, data: dict, **_kwargs) -> dict:
@@ -176,7 +178,7 @@ def refresh():
 
 @blp.route("/logout", methods=["POST"])
 @jwt_required()
-@blp.arguments(LogoutSchema)
+@blp.arguments(LogoutSchema, required=False)  # no body: revoke the access token only
 @blp.response(204)
 @blp.doc(security=[{"bearerAuth": []}])
 def logout(data: dict):

@@ -27,8 +27,12 @@ STATUSES = [s.value for s in JobStatus]
 class InstancesField(ma.fields.List):
     """A list of rows: arrays of values, or objects of named features."""
 
+    # the documented shape; the row limit (a setting) and the row width (the model's) are web/instances.py's
+    ROW = {"anyOf": [{"type": "array"}, {"type": "object"}]}
+
     def __init__(self, **kwargs):
-        super().__init__(ma.fields.Raw(), **kwargs)
+        kwargs["metadata"] = {"minItems": 1, **kwargs.get("metadata", {})}
+        super().__init__(ma.fields.Raw(metadata=self.ROW), **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         rows = super()._deserialize(value, attr, data, **kwargs)

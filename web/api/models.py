@@ -83,7 +83,7 @@ class ModelPatchSchema(ma.Schema):
 
 
 class AliasSetSchema(ma.Schema):
-    version = ma.fields.Integer(required=True, validate=ma.validate.Range(min=1))
+    version = ma.fields.Integer(required=True, validate=ma.validate.Range(min=1, max=2**31 - 1))
 
 
 class AliasSchema(ma.Schema):
@@ -170,7 +170,7 @@ class ModelDetail(MethodView):
         """One model version."""
         return get_version(current_user().id, model_id)
 
-    @blp.arguments(ModelPatchSchema)
+    @blp.arguments(ModelPatchSchema, required=False)  # no body changes nothing
     @blp.response(200, ModelVersionSchema)
     @auth_required
     def patch(self, changes: dict, model_id: uuid.UUID):
