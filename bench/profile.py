@@ -1,0 +1,177 @@
+"""Where a single-row job's time goes: CPU per job in each process of the stack, and py-spy profiles.
+
+    python -m bench.profile [--seconds 20] [--concurrency 2]
+
+Brings up the same stack as `make bench` (database inferq_bench, Redis db 10), warms it up, then runs the
+8-client job load twice: once clean, accounting the CPU seconds every process used (web processes, worker
+main processes, pool children, the PostgreSQL backends serving the stack, the clients); once under
+`py-spy record` (web processes and pool children), summarised as the functions with the most samples,
+inclusive, in InferQ's own code and in the libraries. Raw profiles go to var/bench-profile/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import joblib
+import numpy as np
+import psutil
+import redis
+
+from bench.run import BENCH_DB, BENCH_REDIS_DB, batch_data, job_throughput, warm_up
+from bench.stack import ROOT, Client, Stack, base_urls, fresh_database, redis_db_url, reset_dir
+
+
+def _postgres_backends(database: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith("postgres:") and f" {database} " in f" {cmd} ":
+            found.append(proc)
+    return found
+
+
+def _groups(stack: Stack) -> dict[str, list[psutil.Process]]:
+    workers = stack.live_workers()
+    return {
+        "web": [psutil.Process(p) for p in stack.web_pids()],
+        "worker_main": [psutil.Process(w.proc.pid) for w in workers],
+        "worker_children": [c for w in workers for c in w.children()],
+        "postgres_backends": _postgres_backends(BENCH_DB),
+    }
+
+
+def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
+    out = {}
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def cpu_per_job(stack: Stack, client: Client, model, model_id: str, seconds: float) -> dict:
+    groups = _groups(stack)
+    before = {g: _cpu(p) for g, p in groups.items()}
+    me = psutil.Process()
+    mine_before = sum(c.cpu_times().user + c.cpu_times().system for c in me.children(recursive=True)
+                      if "multiprocessing" in " ".join(c.cmdline()))
+    wall = time.perf_counter()
+    result = job_throughput(client, model, model_id, seconds)
+    wall = time.perf_counter() - wall
+    groups_after = _groups(stack)  # postgres backends may have come and gone
+    report = {"jobs_per_s": result["jobs_per_s"], "completed": result["completed"], "wrong": result["wrong_results"]}
+    jobs = max(result["completed"], 1)
+    for g, procs in groups_after.items():
+        after = _cpu(procs)
+        used = sum(after[pid] - before[g].get(pid, 0.0) for pid in after)
+        report[f"{g}_cpu_ms_per_job"] = round(used / jobs * 1e3, 2)
+    report["machine_loadavg"] = os.getloadavg()
+    return report
+
+
+def spy(pids: list[int], seconds: float, out_dir: Path, label: str) -> list[subprocess.Popen]:
+    procs = []
+    for pid in pids:
+        out = out_dir / f"{label}-{pid}.txt"
+        procs.append(subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration", str(int(seconds)),
+             "--rate", "250", "--format", "raw", "--output", str(out), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
+def summarise(files: list[Path], top: int = 25) -> dict:
+    """Inclusive samples per function (each function counted once per stack), own code and libraries."""
+    inclusive, self_time, total = Counter(), Counter(), 0
+    for path in files:
+        if not path.exists():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = stack.split(";")
+            seen = set()
+            for frame in frames:
+                name = _short(frame)
+                if name not in seen:
+                    inclusive[name] += n
+                    seen.add(name)
+            self_time[_short(frames[-1])] += n
+    pct = lambda c: [(name, round(100.0 * n / max(total, 1), 1)) for name, n in c.most_common(top)]
+    return {"samples": total, "inclusive_pct": pct(inclusive), "self_pct": pct(self_time)}
+
+
+def _short(frame: str) -> str:
+    """'func (path/to/module.py:123)' -> 'func (module.py)' with the package directory for our code."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    path = where.rsplit(":", 1)[0]
+    parts = Path(path).parts
+    if "site-packages" in parts:
+        i = parts.index("site-packages")
+        short = "/".join(parts[i + 1:i + 3])
+    elif str(ROOT) in path:
+        short = str(Path(path).relative_to(ROOT))
+    else:
+        short = Path(path).name
+    return f"{name} ({short})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--no-spy", action="store_true")
+    args = parser.parse_args(argv)
+    csv_path, model_path = batch_data(100_000)
+    model = joblib.load(model_path)
+    db_base, redis_base = base_urls()
+    redis_url = redis_db_url(redis_base, BENCH_REDIS_DB)
+    redis.Redis.from_url(redis_url).flushdb()
+    database_url = fresh_database(db_base, BENCH_DB, redis_url)
+    os.environ.update(DATABASE_URL=database_url, REDIS_URL=redis_url)
+    out_dir = reset_dir(ROOT / "var" / "bench-profile")
+    stack = Stack(out_dir / "stack", database_url, redis_url, concurrency=args.concurrency)
+    try:
+        stack.start()
+        client = Client(stack.url).register()
+        version = client.upload_model(open(model_path, "rb").read(), "model.joblib", "bench-lr")
+        rows = np.round(np.random.default_rng(5).standard_normal((100, 30)), 3)
+        warm_up(stack, client, version["id"], rows)
+        print("CPU per job, clean run:")
+        clean = cpu_per_job(stack, client, model, version["id"], args.seconds)
+        for k, v in clean.items():
+            print(f"  {k}: {v}")
+        if not args.no_spy:
+            web, children = stack.web_pids(), [c.pid for w in stack.live_workers() for c in w.children()]
+            spies = spy(web, args.seconds + 3, out_dir, "web") + spy(children, args.seconds + 3, out_dir, "child")
+            time.sleep(1)
+            job_throughput(client, model, version["id"], args.seconds)
+            for p in spies:
+                p.wait(60)
+            for label in ("web", "child"):
+                s = summarise(sorted(out_dir.glob(f"{label}-*.txt")))
+                print(f"\n{label}: {s['samples']} samples; inclusive % (top):")
+                for name, p in s["inclusive_pct"]:
+                    print(f"  {p:5.1f}  {name}")
+                print(f"{label}: self % (top):")
+                for name, p in s["self_pct"][:12]:
+                    print(f"  {p:5.1f}  {name}")
+    finally:
+        stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
