@@ -69,6 +69,9 @@ def create_celery(settings: Settings, name: str = "inferq") -> Celery:
     return app
 
 
+JOB_DONE_PATTERN = "inferq:job-done:*"
+
+
 def job_done_channel(job_id: str) -> str:
-    """Redis pub/sub channel a worker publishes on when a job ends; `?wait` listens to it."""
+    """Redis pub/sub channel a worker publishes on when a job ends; `?wait` listens to JOB_DONE_PATTERN."""
     return f"inferq:job-done:{job_id}"

@@ -13,6 +13,7 @@ from common.extensions import db, jwt, limiter, migrate
 from common.queues import create_celery
 from common.storage import ArtifactStore
 from web.errors import InferQApi, register_error_handlers
+from web.job_waiter import JobWaiter
 from web.observability import register_observability
 from web.security import register_jwt_callbacks
 
@@ -65,6 +66,9 @@ def register_extensions(app: Flask, settings: Settings) -> None:
     limiter.init_app(app)
     api.init_app(app, spec_kwargs={"components": {"securitySchemes": SECURITY_SCHEMES}})
     app.extensions["redis"] = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    # its own client: the listener blocks on reads, so it must not share the request threads' timeouts
+    app.extensions["job_waiter"] = JobWaiter(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
+                                                                  health_check_interval=30))
     app.extensions["celery"] = create_celery(settings, "inferq-web")
     app.extensions["artifact_store"] = ArtifactStore(settings.storage_root)
 

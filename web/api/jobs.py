@@ -1,7 +1,6 @@
 """Prediction jobs: submit against a model, poll or wait for the result, list and cancel."""
 from __future__ import annotations
 
-import time
 import uuid
 
 import marshmallow as ma
@@ -13,12 +12,12 @@ from sqlalchemy.exc import IntegrityError
 
 from common.extensions import db
 from common.models import FINAL_STATUSES, JobStatus, PredictionJob
-from common.queues import RUN_PREDICTION, job_done_channel
+from common.queues import RUN_PREDICTION
 from web.errors import ApiError, not_found
 from web.instances import validate_instances
 from web.observability import job_submitted, request_id
 from web.registry import require_servable, resolve_reference
-from web.security import auth_required, current_user, redis_client
+from web.security import auth_required, current_user
 
 blp = Blueprint("jobs", __name__, description="Asynchronous prediction jobs")
 STATUSES = [s.value for s in JobStatus]
@@ -120,16 +119,12 @@ def _wait_for(job: PredictionJob, seconds: float) -> PredictionJob:
     seconds = min(seconds, current_app.extensions["settings"].max_wait_seconds)
     if seconds <= 0 or job.status in FINAL_STATUSES:
         return job
-    pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
-    try:
-        pubsub.subscribe(job_done_channel(str(job.id)))
-        db.session.refresh(job)  # it may have finished before we subscribed
-        deadline = time.monotonic() + seconds
-        while job.status not in FINAL_STATUSES and (left := deadline - time.monotonic()) > 0:
-            if pubsub.get_message(timeout=left):
-                db.session.refresh(job)
-    finally:
-        pubsub.close()
+
+    def finished() -> bool:
+        db.session.refresh(job)
+        return job.status in FINAL_STATUSES
+
+    current_app.extensions["job_waiter"].wait(str(job.id), seconds, finished)
     return job
 
 
