@@ -21,12 +21,13 @@ from sqlalchemy import select
 from common.logging import (
     CONTEXT_HEADER, attach_context_to_message, bind, configure_logging, current_context, reset,
 )
-from common.models import PredictionJob
-from common.queues import RUN_PREDICTION
+from common.models import BatchJob, PredictionJob
+from common.queues import FINISH_BATCH, PLAN_BATCH, RUN_PREDICTION, SCORE_CHUNK
 from worker import metrics, runtime
 
 log = logging.getLogger("inferq.worker")
 _running: dict[str, tuple[float, Any]] = {}  # task id -> (start, log context token)
+BATCH_TASKS = (PLAN_BATCH, SCORE_CHUNK, FINISH_BATCH)  # their first argument is the batch id
 
 
 def _level(loglevel: int | str | None) -> str:
@@ -50,24 +51,34 @@ def _worker_starting(sender: str | None = None, instance: Any = None, options: d
     metrics.start_exporter(settings, path)
 
 
-def job_context(job_id: str) -> dict[str, Any]:
-    """Who and what a prediction job is about, from its row: the database keeps the submit's request id."""
+def _row_context(table: Any, key: str, row_id: str) -> dict[str, Any]:
+    """Who and what a job or batch is about, from its row: the database keeps the submit's request id
+    (a message re-enqueued by the reconciler carries no header)."""
     try:
         with runtime.session() as s:
-            row = s.execute(select(PredictionJob.request_id, PredictionJob.owner_id, PredictionJob.model_version_id)
-                            .where(PredictionJob.id == uuid.UUID(job_id))).first()
-    except Exception:  # a context lookup must never fail the job it describes
-        log.warning("could not read the job's log context", extra={"job_id": job_id}, exc_info=True)
-        return {"job_id": job_id}
+            row = s.execute(select(table.request_id, table.owner_id, table.model_version_id)
+                            .where(table.id == uuid.UUID(row_id))).first()
+    except Exception:  # a context lookup must never fail the task it describes
+        log.warning("could not read the log context", extra={key: row_id}, exc_info=True)
+        return {key: row_id}
     if row is None:
-        return {"job_id": job_id}
-    return {"job_id": job_id, "request_id": row.request_id, "user_id": row.owner_id, "model_id": row.model_version_id}
+        return {key: row_id}
+    return {key: row_id, "request_id": row.request_id, "user_id": row.owner_id, "model_id": row.model_version_id}
+
+
+def job_context(job_id: str) -> dict[str, Any]:
+    return _row_context(PredictionJob, "job_id", job_id)
+
+
+def batch_context(batch_id: str) -> dict[str, Any]:
+    return _row_context(BatchJob, "batch_id", batch_id)
 
 
 def _task_context(task: Any, args: tuple | None) -> dict[str, Any]:
     context = dict(task.request.get(CONTEXT_HEADER) or {})  # what the publisher bound, e.g. a web request
-    if task.name == RUN_PREDICTION and args:
-        context.update({k: v for k, v in job_context(str(args[0])).items() if v is not None})
+    lookup = {RUN_PREDICTION: job_context, **dict.fromkeys(BATCH_TASKS, batch_context)}.get(task.name)
+    if lookup and args:
+        context.update({k: v for k, v in lookup(str(args[0])).items() if v is not None})
     return context
 
 

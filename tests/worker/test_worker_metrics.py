@@ -6,6 +6,7 @@ import time
 import requests
 
 from tests.conftest import upload
+from tests.worker.test_batches import trained  # noqa: F401  (fixture)
 from tests.web.test_metrics import samples
 from tests.worker.test_jobs import submit
 
@@ -83,3 +84,22 @@ def test_an_unwritable_metrics_dir_falls_back_to_a_temp_dir():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     path, is_dir, exported = out.split()
     assert path.endswith("inferq-metrics/w1@host") and is_dir == exported == "True"
+
+
+def test_batches_count_rows_and_log_with_the_submit_request_id(client, user, workers, trained):
+    from tests.worker.test_batches import frame_of, submit as submit_batch, wait_batch
+    from tests.worker.test_logs import worker_records
+
+    version = upload(client, user["headers"], trained, name="batch-counted")
+    frame = frame_of(2500).astype({"f1": object})
+    frame.loc[[3, 7], "f1"] = "oops"  # two rows the model cannot score
+    headers = {**user["headers"], "X-Request-ID": "batch-submit-1"}
+    batch = submit_batch(client, headers, version["id"], frame.to_csv(index=False).encode(), "rows.csv").json
+    done = wait_batch(client, user["headers"], batch["id"])
+    assert (done["status"], done["rows_done"], done["rows_failed"]) == ("succeeded", 2500, 2)
+    scraped = scrape_until(workers, lambda s: metric(s, "inferq_batch_rows_scored_total", model_id=version["id"]) > 0)
+    assert metric(scraped, "inferq_batch_rows_scored_total", model_id=version["id"]) == 2498
+    assert metric(scraped, "inferq_batch_rows_failed_total", model_id=version["id"]) == 2
+    lines = [r for r in worker_records(workers) if r.get("batch_id") == batch["id"]]
+    assert {r["logger"] for r in lines} >= {"celery.app.trace"}  # plan, chunk and finish tasks
+    assert all(r["request_id"] == "batch-submit-1" and r["model_id"] == version["id"] for r in lines)

@@ -19,6 +19,7 @@ from common.table_output import assemble
 from common.tabular import FORMATS, TabularError, detect_format, read_columns
 from web.errors import ApiError, not_found
 from web.multipart import Blueprint
+from web.observability import request_id
 from web.registry import artifact_store, require_servable, resolve_reference
 from web.security import auth_required, current_user
 
@@ -146,7 +147,7 @@ class Batches(MethodView):
         options = {k: form[k] for k in ("include_input", "probabilities", "id_column", "error_policy")}
         batch = BatchJob(id=batch_id, owner_id=current_user().id, model_version_id=model.id, input_format=fmt,
                          input_path=relative, input_size=size, options=options,
-                         request_id=request.headers.get("X-Request-ID"))
+                         request_id=request_id())
         db.session.add(batch)
         db.session.commit()
         current_app.extensions["celery"].send_task(PLAN_BATCH, args=[str(batch.id)])

@@ -15,6 +15,7 @@ from common.queues import FINISH_BATCH, PLAN_BATCH, SCORE_CHUNK
 from common.tabular import TabularError
 from worker import runtime
 from worker.batch_io import BatchOptions, ChunkResult, ChunkSpec, RowFailure, assemble, plan_chunks, score_chunk
+from worker.metrics import record_batch_rows
 from worker.serving import load_model, model_info
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ def _record_chunk(batch: BatchJob, index: int, result: ChunkResult) -> bool:
                 cast(f"$[0 to {MAX_ROW_ERRORS - 1}]", JSONPATH)))
             .returning(BatchJob.chunks_done, BatchJob.chunks_total)).one()
         s.commit()
+    record_batch_rows(batch.model_version_id, result.rows - result.rows_failed, result.rows_failed)
     return row.chunks_done == row.chunks_total
 
 
