@@ -60,9 +60,6 @@ def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
 def cpu_per_job(stack: Stack, client: Client, model, model_id: str, seconds: float) -> dict:
     groups = _groups(stack)
     before = {g: _cpu(p) for g, p in groups.items()}
-    me = psutil.Process()
-    mine_before = sum(c.cpu_times().user + c.cpu_times().system for c in me.children(recursive=True)
-                      if "multiprocessing" in " ".join(c.cmdline()))
     wall = time.perf_counter()
     result = job_throughput(client, model, model_id, seconds)
     wall = time.perf_counter() - wall
@@ -133,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--no-spy", action="store_true")
+    parser.add_argument("--pyinstrument", action="store_true",
+                        help="instead of py-spy: profile every request and task inside the processes (bench.profiled)")
     args = parser.parse_args(argv)
     csv_path, model_path = batch_data(100_000)
     model = joblib.load(model_path)
@@ -142,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     database_url = fresh_database(db_base, BENCH_DB, redis_url)
     os.environ.update(DATABASE_URL=database_url, REDIS_URL=redis_url)
     out_dir = reset_dir(ROOT / "var" / "bench-profile")
-    stack = Stack(out_dir / "stack", database_url, redis_url, concurrency=args.concurrency)
+    stack = Stack(out_dir / "stack", database_url, redis_url, concurrency=args.concurrency,
+                  env_overrides={"BENCH_PROFILE_DIR": str(out_dir)})
+    if args.pyinstrument:
+        stack.web_app, stack.worker_app = "bench.profiled:web_app()", "bench.profiled"
+        stack.env_overrides["BENCH_PROFILE_WORKER"] = "1"
     try:
         stack.start()
         client = Client(stack.url).register()
@@ -153,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         clean = cpu_per_job(stack, client, model, version["id"], args.seconds)
         for k, v in clean.items():
             print(f"  {k}: {v}")
-        if not args.no_spy:
+        if args.pyinstrument:
+            for path in sorted(out_dir.glob("*.txt")):
+                print(f"\n===== {path.name}")
+                print(path.read_text())
+        elif not args.no_spy:
             web, children = stack.web_pids(), [c.pid for w in stack.live_workers() for c in w.children()]
             spies = spy(web, args.seconds + 3, out_dir, "web") + spy(children, args.seconds + 3, out_dir, "child")
             time.sleep(1)

@@ -207,6 +207,8 @@ class Stack:
     beat: bool = False
     env_overrides: dict[str, str] = field(default_factory=dict)
     own_redis: OwnRedis | None = None
+    web_app: str = "web.app:create_app()"      # bench.profiled swaps in profiled versions
+    worker_app: str = "worker.celery_app"
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -250,7 +252,7 @@ class Stack:
         self.web = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers",
              str(self.web_processes), "--worker-class", "gthread", "--threads", str(self.web_threads),
-             "--timeout", "120", "web.app:create_app()"],
+             "--timeout", "120", self.web_app],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -273,7 +275,7 @@ class Stack:
     def start_worker(self, wait: bool = False) -> Worker:
         name = f"w{self.started_workers}-{os.getpid()}"
         self.started_workers += 1
-        worker = Worker(self.env, name, self.concurrency, self.log_dir).start()
+        worker = Worker(self.env, name, self.concurrency, self.log_dir, app=self.worker_app).start()
         self.worker_procs.append(worker)
         if wait:
             worker.wait_ready()
