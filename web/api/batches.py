@@ -9,7 +9,7 @@ import marshmallow as ma
 from flask import current_app, request, send_file, url_for
 from flask.views import MethodView
 from flask_smorest.fields import Upload
-from sqlalchemy import func, select, update
+from sqlalchemy import func, update
 
 from common.extensions import db
 from common.models import BatchJob, JobStatus
@@ -19,6 +19,7 @@ from common.table_output import assemble
 from common.tabular import FORMATS, TabularError, detect_format, read_columns
 from web.errors import ApiError, not_found
 from web.multipart import Blueprint
+from web.pagination import PageQuerySchema, page_schema, paginate
 from web.observability import request_id
 from web.registry import artifact_store, require_servable, resolve_reference
 from web.security import auth_required, current_user
@@ -36,11 +37,6 @@ class BatchCreateSchema(ma.Schema):
     probabilities = ma.fields.Boolean(load_default=True, metadata={"description": "one proba_<class> column per class"})
     id_column = ma.fields.String(load_default=None, validate=ma.validate.Length(min=1, max=200))
     error_policy = ma.fields.String(load_default="skip", validate=ma.validate.OneOf(["skip", "fail_fast"]))
-
-
-class BatchQuerySchema(ma.Schema):
-    page = ma.fields.Integer(load_default=1, validate=ma.validate.Range(min=1, max=100_000))
-    per_page = ma.fields.Integer(load_default=20, validate=ma.validate.Range(min=1, max=100))
 
 
 class ResultQuerySchema(ma.Schema):
@@ -80,11 +76,7 @@ class BatchSchema(ma.Schema):
     finished_at = ma.fields.DateTime(allow_none=True)
 
 
-class BatchPageSchema(ma.Schema):
-    items = ma.fields.List(ma.fields.Nested(BatchSchema))
-    page = ma.fields.Integer()
-    per_page = ma.fields.Integer()
-    total = ma.fields.Integer()
+BatchPageSchema = page_schema(BatchSchema)
 
 
 @blp.before_request
@@ -153,16 +145,12 @@ class Batches(MethodView):
         current_app.extensions["celery"].send_task(PLAN_BATCH, args=[str(batch.id)])
         return batch
 
-    @blp.arguments(BatchQuerySchema, location="query")
+    @blp.arguments(PageQuerySchema, location="query")
     @blp.response(200, BatchPageSchema)
     @auth_required
     def get(self, query: dict):
         """List your batches, newest first."""
-        mine = BatchJob.owner_id == current_user().id
-        total = db.session.scalar(select(func.count()).select_from(BatchJob).where(mine))
-        items = db.session.scalars(select(BatchJob).where(mine).order_by(BatchJob.created_at.desc())
-                                   .offset((query["page"] - 1) * query["per_page"]).limit(query["per_page"])).all()
-        return {"items": items, "page": query["page"], "per_page": query["per_page"], "total": total}
+        return paginate(BatchJob, [BatchJob.owner_id == current_user().id], [BatchJob.created_at.desc()], query)
 
 
 @blp.route("/<uuid:batch_id>")

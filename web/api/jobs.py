@@ -15,6 +15,7 @@ from common.models import FINAL_STATUSES, JobStatus, PredictionJob
 from common.queues import RUN_PREDICTION
 from web.errors import ApiError, not_found
 from web.instances import validate_instances
+from web.pagination import PageQuerySchema, page_schema, paginate
 from web.observability import job_submitted, request_id
 from web.registry import require_servable, resolve_reference
 from web.security import auth_required, current_user
@@ -49,9 +50,7 @@ class WaitQuerySchema(ma.Schema):
                            metadata={"description": "seconds to wait for the result (capped by MAX_WAIT_SECONDS)"})
 
 
-class JobQuerySchema(ma.Schema):
-    page = ma.fields.Integer(load_default=1, validate=ma.validate.Range(min=1, max=100_000))
-    per_page = ma.fields.Integer(load_default=20, validate=ma.validate.Range(min=1, max=100))
+class JobQuerySchema(PageQuerySchema):
     model_id = ma.fields.UUID()
     status = ma.fields.String(validate=ma.validate.OneOf(STATUSES))
 
@@ -79,11 +78,7 @@ class JobSchema(ma.Schema):
     finished_at = ma.fields.DateTime(allow_none=True)
 
 
-class JobPageSchema(ma.Schema):
-    items = ma.fields.List(ma.fields.Nested(JobSchema))
-    page = ma.fields.Integer()
-    per_page = ma.fields.Integer()
-    total = ma.fields.Integer()
+JobPageSchema = page_schema(JobSchema)
 
 
 def _get_job(job_id: uuid.UUID) -> PredictionJob:
@@ -169,10 +164,7 @@ class Jobs(MethodView):
             filters.append(PredictionJob.model_version_id == query["model_id"])
         if query.get("status"):
             filters.append(PredictionJob.status == JobStatus(query["status"]))
-        total = db.session.scalar(select(func.count()).select_from(PredictionJob).where(*filters))
-        items = db.session.scalars(select(PredictionJob).where(*filters).order_by(PredictionJob.created_at.desc())
-                                   .offset((query["page"] - 1) * query["per_page"]).limit(query["per_page"])).all()
-        return {"items": items, "page": query["page"], "per_page": query["per_page"], "total": total}
+        return paginate(PredictionJob, filters, [PredictionJob.created_at.desc()], query)
 
 
 @blp.route("/jobs/<uuid:job_id>")

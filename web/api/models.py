@@ -9,7 +9,7 @@ import marshmallow as ma
 from flask import current_app, request
 from flask.views import MethodView
 from flask_smorest.fields import Upload
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
 from common.artifacts import SUPPORTED_EXTENSIONS, ArtifactRejected, SandboxLimits, validate_upload
@@ -18,6 +18,7 @@ from common.models import ModelAlias, ModelStatus, ModelVersion, utcnow
 from common.storage import UploadTooLarge
 from web.errors import ApiError, not_found
 from web.multipart import Blueprint
+from web.pagination import PageQuerySchema, page_schema, paginate
 from web.registry import (
     ALIAS_PATTERN, NAME_PATTERN, RESERVED_ALIASES, artifact_store, create_version, get_version, resolve_reference,
 )
@@ -62,16 +63,10 @@ class ModelVersionSchema(ma.Schema):
     updated_at = ma.fields.DateTime()
 
 
-class ModelPageSchema(ma.Schema):
-    items = ma.fields.List(ma.fields.Nested(ModelVersionSchema))
-    page = ma.fields.Integer()
-    per_page = ma.fields.Integer()
-    total = ma.fields.Integer()
+ModelPageSchema = page_schema(ModelVersionSchema)
 
 
-class ModelQuerySchema(ma.Schema):
-    page = ma.fields.Integer(load_default=1, validate=ma.validate.Range(min=1, max=100_000))
-    per_page = ma.fields.Integer(load_default=20, validate=ma.validate.Range(min=1, max=100))
+class ModelQuerySchema(PageQuerySchema):
     name = ma.fields.String(validate=ma.validate.Length(max=100))
     status = ma.fields.String(validate=ma.validate.OneOf(STATUSES))
 
@@ -155,11 +150,7 @@ class Models(MethodView):
             filters.append(ModelVersion.name == query["name"])
         if query.get("status"):
             filters.append(ModelVersion.status == ModelStatus(query["status"]))
-        total = db.session.scalar(select(func.count()).select_from(ModelVersion).where(*filters))
-        items = db.session.scalars(
-            select(ModelVersion).where(*filters).order_by(ModelVersion.created_at.desc(), ModelVersion.version.desc())
-            .offset((query["page"] - 1) * query["per_page"]).limit(query["per_page"])).all()
-        return {"items": items, "page": query["page"], "per_page": query["per_page"], "total": total}
+        return paginate(ModelVersion, filters, [ModelVersion.created_at.desc(), ModelVersion.version.desc()], query)
 
 
 @blp.route("/<uuid:model_id>")
