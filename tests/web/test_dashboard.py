@@ -54,8 +54,8 @@ def chromium() -> str:
     return CHROMIUM
 
 
-def test_dashboard_charts_each_models_throughput_errors_and_latency(app, client, user, iris_model, live_server,  # noqa: F811
-                                                                    chromium, tmp_path):
+def test_dashboard_charts_each_models_throughput_errors_and_latency(  # noqa: F811  (live_server)
+        app, client, user, iris_model, live_server, chromium, tmp_path):
     owner_id = client.get("/api/v1/auth/me", headers=user["headers"]).json["id"]
     busy = upload(client, user["headers"], iris_model[0], name="busy")
     quiet = upload(client, user["headers"], iris_model[0], name="quiet")

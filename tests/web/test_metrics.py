@@ -1,4 +1,4 @@
-"""The web's /metrics: HTTP requests by route template, jobs submitted, queue depth, and sums across gunicorn processes."""
+"""The web's /metrics: HTTP requests by route template, jobs submitted, queue depth, sums across gunicorn processes."""
 from __future__ import annotations
 
 import uuid

@@ -63,7 +63,8 @@ def test_full_flow_logs_json_lines_with_request_ids_and_no_secrets(app, live_ser
         (flow["sent_id"], flow["user_id"], 200), (generated, flow["user_id"], 200)}
     submitted = {r["request_id"]: r for r in web if r["message"] == "job submitted"}
     assert submitted[flow["sent_id"]]["job_id"] == tagged.json()["id"]
-    assert submitted[generated]["job_id"] == untagged.json()["id"] and submitted[generated]["model_id"] == flow["model_id"]
+    assert submitted[generated]["job_id"] == untagged.json()["id"]
+    assert submitted[generated]["model_id"] == flow["model_id"]
 
     records = worker_records(workers)
     for job, request_id in ((tagged.json(), flow["sent_id"]), (untagged.json(), generated)):
