@@ -9,7 +9,7 @@ SERVICES := eval "$$($(BIN)/python -m scripts.dev_services up)"
 FLOWER_BASIC_AUTH ?= admin:inferq-dev
 export FLOWER_BASIC_AUTH
 
-.PHONY: install run test migrate services-down bench bench-quick soak clean
+.PHONY: install run test migrate services-down bench bench-quick soak fuzz clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,12 @@ bench-quick: install
 soak: install
 	@mkdir -p var
 	@$(SERVICES) && python -m bench.soak
+
+# issue 7: schemathesis against the live API with two users (tests/test_fuzz.py with the LONG budget: 200 examples
+# per operation, each of its two runs fuzzing for 10 minutes, about 21 minutes in all); reports in var/fuzz/
+fuzz: install
+	@mkdir -p var
+	@$(SERVICES) && INFERQ_FUZZ=long python -m pytest tests/test_fuzz.py $(PYTEST_ARGS)
 
 # the dashboard test drives Debian's headless chromium; CI runs as root, so apt can install it
 .PHONY: test-deps
