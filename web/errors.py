@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import logging
 import re
+from http import HTTPStatus
 from typing import Any
 
 import marshmallow as ma
+from apispec import BasePlugin
 from flask import Flask, jsonify
 from flask_smorest import Api
 from sqlalchemy.exc import DataError
@@ -63,10 +65,33 @@ def _validation_message(messages: dict) -> str:
     return "Invalid request. " + "; ".join(parts)
 
 
+class SharedErrorsPlugin(BasePlugin):
+    """Document the errors that operations share, so the spec lists each status code an operation can answer
+    instead of a catch-all `default` response."""
+
+    def operation_helper(self, path: str | None = None, operations: dict | None = None, **kwargs: Any) -> None:
+        for operation in (operations or {}).values():
+            shared = [401] if operation.get("security") else []  # no or bad credentials
+            shared += [404] if "{" in (path or "") else []  # no such object, or another user's
+            shared += [400, 413] if "requestBody" in operation else []  # unreadable body, too large
+            responses = operation.setdefault("responses", {})
+            for status in shared:
+                if status not in responses and str(status) not in responses:
+                    responses[status] = HTTPStatus(status).name  # flask-smorest registers one per status
+            for status, response in responses.items():
+                # an error documented by description alone (`alt_response(409, description=...)`) has our body too
+                if int(status) >= 400 and isinstance(response, dict) and "content" not in response:
+                    response["content"] = {"application/json": {"schema": "Error"}}
+
+
 class InferQApi(Api):
-    """flask-smorest's Api, answering every HTTP error in InferQ's JSON shape."""
+    """flask-smorest's Api, answering every HTTP error in InferQ's JSON shape and documenting each."""
 
     ERROR_SCHEMA = ErrorSchema
+    DEFAULT_ERROR_RESPONSE_NAME = None
+
+    def _init_spec(self, *, extra_plugins=None, **kwargs):
+        super()._init_spec(extra_plugins=[*(extra_plugins or ()), SharedErrorsPlugin()], **kwargs)
 
     def handle_http_exception(self, error: HTTPException):
         data = getattr(error, "data", None) or {}

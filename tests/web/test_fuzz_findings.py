@@ -53,3 +53,23 @@ def test_the_spec_documents_what_validation_enforces(client):
     password = schemas["Register"]["properties"]["password"]
     assert (password["minLength"], password["maxLength"]) == (10, 128)
     assert schemas["AliasSet"]["properties"]["version"]["maximum"] == 2**31 - 1
+
+
+def test_every_operation_lists_its_error_codes(client):
+    """No catch-all `default`: each operation names its statuses, errors in the one error shape."""
+    spec = client.get("/api/v1/openapi.json").json
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if method == "parameters":
+                continue
+            responses = operation["responses"]
+            assert "default" not in responses, (method, path)
+            if operation.get("security"):
+                assert "401" in responses, (method, path)
+            if "{" in path:
+                assert "404" in responses, (method, path)
+            for status, response in responses.items():
+                if int(status) >= 400:
+                    response = spec["components"]["responses"][response["$ref"].rsplit("/", 1)[1]] \
+                        if "$ref" in response else response
+                    assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}

@@ -144,6 +144,7 @@ def register(data: dict):
 @blp.arguments(CredentialsSchema)
 @blp.response(200, TokensSchema)
 @blp.alt_response(401, description="Wrong email or password")
+@blp.alt_response(429, description="Too many login attempts from this address; see Retry-After")
 def login(data: dict):
     """Exchange email and password for an access token and a refresh token."""
     try:

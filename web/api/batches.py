@@ -129,6 +129,8 @@ def _store_input(form: dict, model, batch_id: uuid.UUID) -> tuple[str, str, int]
 class Batches(MethodView):
     @blp.arguments(BatchCreateSchema, location="form_and_files")
     @blp.response(202, BatchSchema)
+    @blp.alt_response(404, description="No such model")
+    @blp.alt_response(409, description="The model is archived")
     @auth_required
     def post(self, form: dict):
         """Upload a file to score; columns are checked before anything is queued."""

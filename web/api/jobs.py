@@ -133,6 +133,7 @@ def _answer(job: PredictionJob):
 @blp.arguments(WaitQuerySchema, location="query")
 @blp.response(202, JobSchema)
 @blp.alt_response(200, schema=JobSchema, description="The finished job, when it ended within `wait` seconds")
+@blp.alt_response(409, description="The model is archived")
 @auth_required
 def predict(body: dict, query: dict, model_ref: str):
     """Submit a prediction job against a model id or reference (name@alias, name@v3, name@latest)."""

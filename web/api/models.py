@@ -163,6 +163,7 @@ class ModelDetail(MethodView):
 
     @blp.arguments(ModelPatchSchema, required=False)  # no body changes nothing
     @blp.response(200, ModelVersionSchema)
+    @blp.alt_response(409, description="The model is archived: it can no longer change")
     @auth_required
     def patch(self, changes: dict, model_id: uuid.UUID):
         """Change description, tags or status; archived is final."""
