@@ -18,16 +18,20 @@ from pyinstrument.session import Session
 
 INTERVAL = 0.0005
 _lock = threading.Lock()
-_state: dict = {"session": None, "count": 0}
+_state: dict = {"session": None, "count": 0, "skipped": 0}
+SKIP = 30  # the first requests/tasks of a process (imports, first model load) are the warm-up
 
 
 def _add(kind: str, session: Session | None) -> None:
     if session is None:
         return
     with _lock:
+        if _state["skipped"] < SKIP:
+            _state["skipped"] += 1
+            return
         _state["session"] = session if _state["session"] is None else Session.combine(_state["session"], session)
         _state["count"] += 1
-        if _state["count"] % 100 == 0:
+        if _state["count"] % 50 == 0:
             out = Path(os.environ.get("BENCH_PROFILE_DIR", "var/bench-profile")) / f"{kind}-{os.getpid()}.txt"
             text = ConsoleRenderer(show_all=False, processor_options={"hide_regex": r".*/(threading|selectors)\.py"},
                                    time="percent_of_total").render(_state["session"])
