@@ -7,7 +7,7 @@ import time
 from celery.signals import before_task_publish
 from flask import Flask, Response, g, has_request_context, request
 
-from common.logging import CONTEXT_HEADER, configure_logging, request_id_from
+from common.logging import CONTEXT_HEADER, configure_logging, current_context, request_id_from
 from common.models import PredictionJob
 from web import metrics
 
@@ -71,7 +71,8 @@ def _record(response: Response) -> Response:
 def _context_for_task(headers: dict | None = None, **_kwargs: object) -> None:
     """A task published while answering a request carries its request id and user to the worker's logs."""
     if headers is not None and has_request_context():
-        context = {"request_id": request_id(), "user_id": _user_id()}
+        # what the handler bound around the publish (job_id, model_id, ...) rides along too
+        context = {**current_context(), "request_id": request_id(), "user_id": _user_id()}
         headers.setdefault(CONTEXT_HEADER, {k: v for k, v in context.items() if v})
 
 

@@ -76,9 +76,13 @@ def batch_context(batch_id: str) -> dict[str, Any]:
 
 def _task_context(task: Any, args: tuple | None) -> dict[str, Any]:
     context = dict(task.request.get(CONTEXT_HEADER) or {})  # what the publisher bound, e.g. a web request
-    lookup = {RUN_PREDICTION: job_context, **dict.fromkeys(BATCH_TASKS, batch_context)}.get(task.name)
+    key, lookup = {RUN_PREDICTION: ("job_id", job_context),
+                   **dict.fromkeys(BATCH_TASKS, ("batch_id", batch_context))}.get(task.name, (None, None))
     if lookup and args:
-        context.update({k: v for k, v in lookup(str(args[0])).items() if v is not None})
+        if context.get("request_id"):  # published by the submit (or its batch): no need to read the row
+            context[key] = str(args[0])
+        else:  # re-sent by the reconciler: the row keeps the submit's context
+            context.update({k: v for k, v in lookup(str(args[0])).items() if v is not None})
     return context
 
 

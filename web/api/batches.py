@@ -12,6 +12,7 @@ from flask_smorest.fields import Upload
 from sqlalchemy import func, update
 
 from common.extensions import db
+from common.logging import log_context
 from common.models import BatchJob, JobStatus
 from common.queues import PLAN_BATCH
 from common.storage import UploadTooLarge
@@ -144,7 +145,8 @@ class Batches(MethodView):
                          request_id=request_id())
         db.session.add(batch)
         db.session.commit()
-        current_app.extensions["celery"].send_task(PLAN_BATCH, args=[str(batch.id)])
+        with log_context(batch_id=str(batch.id), model_id=str(batch.model_version_id)):
+            current_app.extensions["celery"].send_task(PLAN_BATCH, args=[str(batch.id)])
         return batch
 
     @blp.arguments(PageQuerySchema, location="query")

@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from common.extensions import db
+from common.logging import log_context
 from common.models import FINAL_STATUSES, JobStatus, PredictionJob
 from common.queues import RUN_PREDICTION
 from web.errors import ApiError, not_found
@@ -148,7 +149,9 @@ def predict(body: dict, query: dict, model_ref: str):
     rows = validate_instances(model, body["instances"], limit)
     job, created = _insert_job(model.id, rows, key)
     if created:
-        current_app.extensions["celery"].send_task(RUN_PREDICTION, args=[str(job.id)])
+        # the message carries the job's log context, so the worker need not read it back
+        with log_context(job_id=str(job.id), model_id=str(job.model_version_id)):
+            current_app.extensions["celery"].send_task(RUN_PREDICTION, args=[str(job.id)])
         job_submitted(job)
     return _answer(_wait_for(job, query["wait"]))
 

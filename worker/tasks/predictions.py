@@ -39,9 +39,10 @@ class ClaimedJob:
     instances: list
     attempts: int
     queue_ms: float
+    request_id: str | None = None
 
 
-_CLAIMED = "j.id, j.model_version_id, j.instances, j.attempts, j.queue_ms"
+_CLAIMED = "j.id, j.model_version_id, j.instances, j.attempts, j.queue_ms, j.request_id"
 _START = """status = 'running', attempts = j.attempts + 1, started_at = clock_timestamp(), worker = :worker,
             queue_ms = extract(epoch FROM clock_timestamp() - j.created_at) * 1000"""
 # This job if still queued, plus the oldest queued jobs of its model that no one else is claiming.
