@@ -265,6 +265,10 @@ class Stack:
                 time.sleep(0.1)
         raise RuntimeError("gunicorn did not answer /health within 60s")
 
+    def restart_web(self) -> None:
+        _stop_group(self.web, signal.SIGTERM, 15)
+        self.start_web()
+
     def web_pids(self) -> list[int]:
         """The gunicorn worker processes (the ones that handle requests)."""
         try:
