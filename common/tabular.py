@@ -95,9 +95,16 @@ def shorten(text: str) -> str:
 
 def _csv_columns(path: Path) -> list[str]:
     read, parse, convert = csv_options(path)
-    read.use_threads = False  # read only the first block, no read-ahead
+    read.use_threads = False
+    # parse only the file's first block, from memory: a reader opened on the path reads ahead,
+    # which costs the web process memory in proportion to the upload
+    with open(path, "rb") as f:
+        head = f.read(read.block_size)
+        if f.read(1) and b"\n" in head:
+            head = head[:head.rindex(b"\n") + 1]
     try:
-        reader = pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
+        reader = pacsv.open_csv(pa.BufferReader(head), read_options=read, parse_options=parse,
+                                convert_options=convert)
         columns = reader.schema.names
         reader.read_next_batch()
         if any(pa.types.is_binary(t) for t in reader.schema.types):
