@@ -201,3 +201,29 @@ def iris_model():
 
     X, y = load_iris(return_X_y=True)
     return LogisticRegression(max_iter=500).fit(X, y), X
+
+
+@pytest.fixture
+def solo_worker(settings, database, redis_conn, test_env, tmp_path):
+    """A client and ONE single-process worker on a Redis db of their own, so a test knows which
+    process runs each job; `solo_worker(**env)` starts it with extra environment."""
+    from dataclasses import replace
+
+    from web.app import create_app
+
+    started = []
+
+    def start(**env: str):
+        db_number = int(settings.redis_url.rsplit("/", 1)[1]) - 8
+        isolated = f"{settings.redis_url.rsplit('/', 1)[0]}/{db_number}"
+        app = create_app(replace(settings, redis_url=isolated))
+        app.extensions["redis"].flushdb()
+        worker = WorkerProcess({**test_env, "REDIS_URL": isolated, **env}, f"solo-{uuid.uuid4().hex[:6]}",
+                               concurrency=1, log_dir=tmp_path).start()
+        started.append(worker)
+        wait_for_workers(app.extensions["celery"], 1)
+        return app.test_client(), worker
+
+    yield start
+    for worker in started:
+        worker.stop()

@@ -28,6 +28,10 @@ class ModelInfo:
 @lru_cache(maxsize=1024)
 def model_info(version_id: uuid.UUID) -> ModelInfo:
     """A version's serving metadata; versions are immutable, so it is cached for the process's life."""
+    return runtime.with_db_retry(lambda: _read_model_info(version_id))
+
+
+def _read_model_info(version_id: uuid.UUID) -> ModelInfo:
     with runtime.session() as s:
         m = s.get(ModelVersion, version_id)
         return ModelInfo(m.id, m.name, m.artifact_path, m.artifact_sha256, m.task_kind, m.n_features_in,

@@ -1,17 +1,13 @@
 """Prediction jobs end to end: the API, real Redis, real Celery worker processes, PostgreSQL."""
 from __future__ import annotations
 
-import os
-import signal
 import time
-import uuid
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer, load_iris
 from sklearn.linear_model import LogisticRegression, Ridge
 
-from common.queues import RECONCILE_JOBS
 from tests.conftest import upload
 
 
@@ -145,3 +141,18 @@ def test_queued_jobs_of_one_model_are_scored_together_each_with_its_own_result(c
     for job in jobs:  # jobs from one predict call share a worker and the call's inference time
         scored_together.setdefault((job["worker"], job["timings"]["inference_ms"]), []).append(job["id"])
     assert max(len(group) for group in scored_together.values()) > 1
+
+
+def test_a_sixth_model_evicts_the_least_recently_used(client, user, iris_model, solo_worker):
+    model, X = iris_model
+    solo, _ = solo_worker(MODEL_CACHE_SIZE="5", MODEL_CACHE_BYTES=str(1 << 30))
+    versions = [upload(solo, user["headers"], model, name=f"lru-{i}")["id"] for i in range(6)]
+
+    def hit(version_id: str) -> bool:
+        return submit(solo, user["headers"], version_id, X[:1].tolist(), wait=20).json["cache_hit"]
+
+    assert [hit(v) for v in versions[:5]] == [False] * 5  # five models fill the cache
+    assert hit(versions[0]) is True                       # model 0 is now the most recently used
+    assert hit(versions[5]) is False                      # the sixth evicts model 1, the least recent
+    assert hit(versions[0]) is True
+    assert hit(versions[1]) is False

@@ -1,16 +1,14 @@
 """Recovery and housekeeping: a database outage during a write, lost batch messages, old results purged."""
 from __future__ import annotations
 
-import io
 import os
 import time
-from dataclasses import replace
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from common.queues import PURGE_RESULTS, RECONCILE_JOBS
-from tests.conftest import WorkerProcess, upload, wait_for_workers
+from tests.conftest import upload
 from tests.tcp_proxy import CuttableProxy
 from tests.worker.test_batches import encode, frame_of, submit as submit_batch, wait_batch
 from tests.worker.test_faults import _running_child
@@ -30,29 +28,18 @@ def _proxied(database_url: str) -> tuple[CuttableProxy, str]:
     return proxy, url.set(host="127.0.0.1", port=proxy.port, query=query).render_as_string(hide_password=False)
 
 
-def test_result_write_survives_a_brief_database_outage(settings, database, redis_conn, test_env, user, iris_model,
-                                                        tmp_path):
+def test_result_write_survives_a_brief_database_outage(settings, user, iris_model, solo_worker):
     """A worker whose PostgreSQL vanishes mid-job retries the write; the job ends succeeded, once."""
-    from web.app import create_app
-
     proxy, proxied_url = _proxied(settings.database_url)
-    isolated_redis = settings.redis_url.rsplit("/", 1)[0] + "/" + str(int(settings.redis_url.rsplit("/", 1)[1]) - 8)
-    app = create_app(replace(settings, redis_url=isolated_redis))
-    app.extensions["redis"].flushdb()
-    client = app.test_client()
-    worker = WorkerProcess({**test_env, "DATABASE_URL": proxied_url, "REDIS_URL": isolated_redis},
-                           "outage", concurrency=1, log_dir=tmp_path).start()
-    try:
-        wait_for_workers(app.extensions["celery"], 1)
-        version = upload(client, user["headers"], iris_model[0], name="fault-slow-2")
-        job = submit(client, user["headers"], version["id"], ROW).json
-        _running_child([worker], job["id"], client, user["headers"])
-        proxy.cut_off()
-        time.sleep(4)  # the job's 2 s of work ends while the database is unreachable
-        proxy.restore()
-        done = wait_job(client, user["headers"], job["id"], seconds=60)
-    finally:
-        worker.stop()
+    client, worker = solo_worker(DATABASE_URL=proxied_url)
+    version = upload(client, user["headers"], iris_model[0], name="fault-slow-3")
+    job = submit(client, user["headers"], version["id"], ROW).json
+    _running_child([worker], job["id"], client, user["headers"])
+    time.sleep(1)
+    proxy.cut_off()
+    time.sleep(5)  # the job's 3 s of work ends while the database is unreachable
+    proxy.restore()
+    done = wait_job(client, user["headers"], job["id"], seconds=60)
     assert done["status"] == "succeeded" and done["attempts"] == 1
     assert done["result"]["predictions"] == iris_model[0].predict(ROW).tolist()
 
@@ -61,7 +48,6 @@ def test_batch_whose_messages_are_lost_is_finished_by_the_reconciler(client, app
                                                                      redis_conn):
     from sklearn.linear_model import LogisticRegression
     import numpy as np
-    import pandas as pd
 
     frame = frame_of(60_000, seed=9)
     features = frame.drop(columns="row_id")
