@@ -72,3 +72,19 @@ def test_model_that_kills_its_worker_fails_after_the_attempt_cap(client, user, w
     assert done["attempts"] == settings.job_max_attempts + 1  # the final claim only records the failure
     ok = submit(client, user["headers"], healthy["id"], ROW, wait=20).json
     assert ok["status"] == "succeeded"
+
+
+def test_killed_worker_scoring_several_queued_jobs_together_loses_none(client, app, user, workers, iris_model):
+    version = upload(client, user["headers"], iris_model[0], name="fault-slow-2-batched")
+    celery = app.extensions["celery"]
+    celery.control.cancel_consumer("predictions", reply=True)
+    try:  # a backlog, so that one worker claims the jobs together
+        ids = [submit(client, user["headers"], version["id"], ROW).json["id"] for _ in range(6)]
+    finally:
+        celery.control.add_consumer("predictions", reply=True)
+    pid = _running_child(workers, ids[0], client, user["headers"])
+    os.kill(pid, signal.SIGKILL)
+    jobs = [wait_job(client, user["headers"], job_id, seconds=90) for job_id in ids]
+    assert [j["status"] for j in jobs] == ["succeeded"] * 6
+    assert all(int(j["worker"].rsplit(":", 1)[1]) != pid for j in jobs)
+    assert all(j["result"]["predictions"] == iris_model[0].predict(ROW).tolist() for j in jobs)

@@ -58,9 +58,10 @@ CLAIM_WITH_PEERS = text(f"""
     UPDATE prediction_jobs j SET {_START}
     WHERE j.id IN (SELECT id FROM target UNION ALL SELECT id FROM peers)
     RETURNING {_CLAIMED}""")
+# Every job a dead process held (its message's job and the peers it was scoring with it).
 TAKE_OVER = text(f"""
     UPDATE prediction_jobs j SET {_START}
-    WHERE j.id = :job_id AND j.status = 'running' AND j.worker = :dead_worker
+    WHERE j.status = 'running' AND j.worker = :dead_worker
     RETURNING {_CLAIMED}""")
 # One statement records every outcome; the status and attempt guards make a stale attempt write nothing.
 FINISH = text("""
@@ -109,13 +110,15 @@ def _is_dead_local_worker(worker: str | None) -> bool:
 
 def build_features(info: ModelInfo, rows: list) -> Any:
     """The input matrix: a DataFrame when the model was trained on named columns, else a float array."""
-    if info.feature_names:
-        frame = pd.DataFrame(rows, columns=list(info.feature_names))
-        kinds = info.feature_kinds or ("numeric",) * len(info.feature_names)
-        numeric = [name for name, kind in zip(info.feature_names, kinds) if kind == "numeric"]
-        frame[numeric] = frame[numeric].astype("float64")
-        return frame
-    return np.asarray(rows, dtype=np.float64)
+    if not info.feature_names:
+        return np.asarray(rows, dtype=np.float64)
+    kinds = info.feature_kinds or ("numeric",) * len(info.feature_names)
+    if all(kind == "numeric" for kind in kinds):  # one float block, no per-column conversion
+        return pd.DataFrame(np.asarray(rows, dtype=np.float64), columns=list(info.feature_names))
+    frame = pd.DataFrame(rows, columns=list(info.feature_names))
+    numeric = [name for name, kind in zip(info.feature_names, kinds) if kind == "numeric"]
+    frame[numeric] = frame[numeric].astype("float64")
+    return frame
 
 
 def predict(model: Any, info: ModelInfo, rows: list) -> list[dict]:
@@ -216,8 +219,8 @@ def execute(jobs: list[ClaimedJob]) -> None:
     finish([(job, {**cache, **outcome}) for job, outcome in zip(jobs, score(jobs, info, model=lookup.model))])
 
 
-@shared_task(name=RUN_PREDICTION, bind=True, max_retries=None)
-def run_prediction(self, job_id: str) -> None:
+@shared_task(name=RUN_PREDICTION)
+def run_prediction(job_id: str) -> None:
     """Run a prediction job (and its queued peers); a duplicate delivery of a finished job writes nothing."""
     job_uuid = uuid.UUID(job_id)
     jobs = claim(job_uuid)
@@ -226,9 +229,10 @@ def run_prediction(self, job_id: str) -> None:
         if holder is None or holder[0] != JobStatus.running:
             return  # finished, cancelled or deleted: nothing to do
         if not _is_dead_local_worker(holder[1]):
-            # held by a live (or remote) worker: look again later; the reconciler covers lost holders
-            raise self.retry(countdown=5)
-        jobs = _claim(TAKE_OVER, job_id=job_uuid, dead_worker=holder[1])
+            # held by a live (or remote) worker, e.g. scored with a peer's batch: that worker records
+            # it; if it dies, its own message is redelivered or the reconciler requeues the job
+            return
+        jobs = _claim(TAKE_OVER, dead_worker=holder[1])
     try:
         execute(jobs)
     except SoftTimeLimitExceeded:
