@@ -386,7 +386,7 @@ def run(plan: Plan, database_url: str, workdir: Path, concurrency: int = 2, keep
         chaos_thread.join()
         chaos_seconds = time.monotonic() - started
         log(f"chaos over after {chaos_seconds:.0f} s: {chaos.counts()}; draining")
-        final = wait_final(engine, client.email, len(submitter.specs), plan.drain_seconds)
+        final = wait_final(engine, client.email, len(submitter.job_ids), plan.drain_seconds)
         batch = wait_batch(client, batch_id[0], plan.drain_seconds)
         report.update(
             chaos=chaos.counts(), events=chaos.events, chaos_seconds=round(chaos_seconds, 1),
