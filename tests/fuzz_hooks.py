@@ -3,9 +3,11 @@
 `no_cross_user_access`: in the intruder run (INFERQ_FUZZ_OWNER_OBJECTS names the owner's objects), the
 caller is another user, so no answer may be a success that reaches the owner's objects or shows their ids.
 
-`filter_failure`: a JSON string may hold a NUL character and a PostgreSQL text column may not; the API
-answers such a value with 422 `unstorable_value` (web/errors.py), which is the one schema-valid refusal
-accepted on every operation.
+`filter_failure` drops two kinds of failure that are not the API's answer to a request it understood:
+- gunicorn's own refusal (an HTML 400 or 431) of a request line or headers over its limits: the request never
+  reaches the app, whose every answer is JSON;
+- a 422 `unstorable_value` for a NUL character, which a JSON string may hold and a PostgreSQL text column may
+  not (web/errors.py): the one schema-valid refusal accepted on every operation.
 """
 from __future__ import annotations
 
@@ -56,7 +58,9 @@ def no_cross_user_access(ctx, response, case):
 
 @schemathesis.hook
 def filter_failure(context, failure, case, response) -> bool:
-    """Keep every failure but a schema-valid request refused only because PostgreSQL cannot store a NUL."""
+    """Keep every failure but gunicorn's protocol refusals and a schema-valid value PostgreSQL cannot store."""
+    if response.status_code in (400, 431) and response.headers.get("content-type", [""])[0].startswith("text/html"):
+        return False
     if "positive_data_acceptance" not in getattr(failure, "checks", ()) or response.status_code != 422:
         return True
     try:

@@ -104,3 +104,23 @@ def test_the_cross_user_check_flags_a_leak(tmp_path, monkeypatch):
                 check(*args)
     finally:
         fuzz_hooks._owner.cache_clear()
+
+
+def test_only_gunicorns_refusals_and_nul_values_are_filtered():
+    import json
+    from types import SimpleNamespace
+
+    from tests import fuzz_hooks
+
+    def keeps(status, content_type, body, checks=("status_code_conformance",)):
+        response = SimpleNamespace(status_code=status, headers={"content-type": [content_type]},
+                                   json=lambda: json.loads(body))
+        return fuzz_hooks.filter_failure(None, SimpleNamespace(checks=checks), None, response)
+
+    nul = json.dumps({"error": {"code": "unstorable_value", "message": "... cannot contain NUL (0x00) bytes"}})
+    assert not keeps(400, "text/html", "<html>Request Line is too large</html>")
+    assert keeps(400, "application/json", '{"error": {"code": "bad_request", "message": "x"}}')
+    assert keeps(500, "text/html", "<html>Internal Server Error</html>")
+    assert not keeps(422, "application/json", nul, checks=("positive_data_acceptance",))
+    assert keeps(422, "application/json", nul.replace("NUL", "range"), checks=("positive_data_acceptance",))
+    assert keeps(422, "application/json", nul, checks=("status_code_conformance",))

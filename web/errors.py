@@ -69,11 +69,16 @@ class SharedErrorsPlugin(BasePlugin):
     """Document the errors that operations share, so the spec lists each status code an operation can answer
     instead of a catch-all `default` response."""
 
-    def operation_helper(self, path: str | None = None, operations: dict | None = None, **kwargs: Any) -> None:
+    TEXT_IN_PATH = re.compile(r"<(?:(?:string|path)(?:\([^)]*\))?:)?\w+>")
+
+    def operation_helper(self, path: str | None = None, operations: dict | None = None, rule: Any = None,
+                         **kwargs: Any) -> None:
+        text_in_path = rule is not None and self.TEXT_IN_PATH.search(rule.rule) is not None
         for operation in (operations or {}).values():
             shared = [401] if operation.get("security") else []  # no or bad credentials
             shared += [404] if "{" in (path or "") else []  # no such object, or another user's
             shared += [400, 413] if "requestBody" in operation else []  # unreadable body, too large
+            shared += [422] if text_in_path else []  # a text the database cannot hold (a NUL character)
             responses = operation.setdefault("responses", {})
             for status in shared:
                 if status not in responses and str(status) not in responses:

@@ -17,6 +17,11 @@ def test_a_nul_character_is_a_422_not_a_500(client, user):
     assert response.json["error"]["code"] == "unstorable_value" and "NUL" in response.json["error"]["message"]
     # the session was rolled back: the same user goes on working
     assert client.post("/api/v1/auth/api-keys", headers=user["headers"], json={"name": "ok"}).status_code == 201
+    # a NUL in a name in the path too, and the spec says so
+    in_path = client.get("/api/v1/models/by-name/a%00b/aliases", headers=user["headers"])
+    assert in_path.status_code == 422 and in_path.json["error"]["code"] == "unstorable_value"
+    spec = client.get("/api/v1/openapi.json").json["paths"]
+    assert "422" in spec["/api/v1/models/by-name/{name}/aliases"]["get"]["responses"]
 
 
 def test_versions_beyond_32_bits_are_refused_or_not_found(client, user, iris_version):
