@@ -62,6 +62,8 @@ class ModelCache:
                 self.hits += 1
                 return CacheLookup(self._entries[key][0], True, 0.0)
             self.misses += 1
+        if self._track_resident:
+            release_free_memory()  # else the load may reuse free pages and the growth understates it
         started, resident = time.perf_counter(), resident_bytes()
         model = load()
         load_seconds = time.perf_counter() - started

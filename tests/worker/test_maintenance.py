@@ -96,3 +96,30 @@ def test_purge_deletes_old_finished_jobs_and_batches(client, app, user, workers,
 
 def user_id(client, user) -> str:
     return client.get("/api/v1/auth/me", headers=user["headers"]).json["id"]
+
+
+def test_a_job_submitted_while_redis_is_down_is_accepted_and_run_later(client, app, user, workers, iris_model,
+                                                                        test_env):
+    """The row is committed first; with no broker to publish to, the client still gets 202 and the
+    reconciler enqueues the job once Redis answers (API key auth needs no Redis)."""
+    import json
+    import subprocess
+    import sys
+
+    version = upload(client, user["headers"], iris_model[0], name="broker-down")
+    key = client.post("/api/v1/auth/api-keys", headers=user["headers"], json={"name": "outage"}).json["key"]
+    script = f"""
+import json
+from web.app import create_app
+client = create_app().test_client()
+r = client.post("/api/v1/predict/{version['id']}", headers={{"X-API-Key": "{key}"}}, json={{"instances": {ROW}}})
+print(json.dumps([r.status_code, r.json]))
+"""
+    env = {**os.environ, **test_env, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    status, job = json.loads(out.stdout.strip().splitlines()[-1])
+    assert status == 202 and job["status"] == "queued", out.stderr[-2000:]
+    time.sleep(4.5)  # past JOB_STUCK_SECONDS
+    app.extensions["celery"].send_task(RECONCILE_JOBS)
+    assert wait_job(client, user["headers"], job["id"], seconds=60)["status"] == "succeeded"

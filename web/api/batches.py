@@ -22,6 +22,7 @@ from web.errors import ApiError, not_found
 from web.multipart import Blueprint
 from web.pagination import PageQuerySchema, page_schema, paginate
 from web.observability import request_id
+from web.publishing import publish
 from web.registry import artifact_store, require_servable, resolve_reference
 from web.security import auth_required, current_user
 
@@ -146,7 +147,7 @@ class Batches(MethodView):
         db.session.add(batch)
         db.session.commit()
         with log_context(batch_id=str(batch.id), model_id=str(batch.model_version_id)):
-            current_app.extensions["celery"].send_task(PLAN_BATCH, args=[str(batch.id)])
+            publish(PLAN_BATCH, str(batch.id))
         return batch
 
     @blp.arguments(PageQuerySchema, location="query")

@@ -18,6 +18,7 @@ from web.errors import ApiError, not_found
 from web.instances import validate_instances
 from web.pagination import PageQuerySchema, page_schema, paginate
 from web.observability import job_submitted, request_id
+from web.publishing import publish
 from web.registry import require_servable, resolve_reference
 from web.security import auth_required, current_user
 
@@ -151,7 +152,7 @@ def predict(body: dict, query: dict, model_ref: str):
     if created:
         # the message carries the job's log context, so the worker need not read it back
         with log_context(job_id=str(job.id), model_id=str(job.model_version_id)):
-            current_app.extensions["celery"].send_task(RUN_PREDICTION, args=[str(job.id)])
+            publish(RUN_PREDICTION, str(job.id))
         job_submitted(job)
     return _answer(_wait_for(job, query["wait"]))
 

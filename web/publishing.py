@@ -1,0 +1,19 @@
+"""Enqueue work for rows already committed to PostgreSQL, the source of truth."""
+from __future__ import annotations
+
+import logging
+
+import kombu.exceptions
+import redis
+from flask import current_app
+
+log = logging.getLogger(__name__)
+
+
+def publish(task: str, *args: str) -> None:
+    """Enqueue a task for a row already committed; if the broker is down the row stays queued and the
+    reconciler enqueues it once Redis is back, so the client still gets its 202."""
+    try:
+        current_app.extensions["celery"].send_task(task, args=list(args), retry=False)
+    except (OSError, redis.RedisError, kombu.exceptions.OperationalError) as exc:
+        log.warning("could not publish; the reconciler will enqueue it", extra={"task": task, "error": str(exc)})
