@@ -91,6 +91,17 @@ def client(app):
     return app.test_client()
 
 
+def stop_process_group(proc: subprocess.Popen | None) -> None:
+    """SIGTERM a process started with start_new_session and its children; SIGKILL after 20 s."""
+    if proc and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 class WorkerProcess:
     """A real `celery worker` subprocess (prefork pool) the tests can stop, kill and restart."""
 
@@ -114,13 +125,7 @@ class WorkerProcess:
         return [c.pid for c in psutil.Process(self.proc.pid).children()]
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc)
 
 
 def free_port() -> int:

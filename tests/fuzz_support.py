@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import PASSWORD, ROOT, free_port
+from tests.conftest import PASSWORD, ROOT, free_port, stop_process_group
 
 API = "/api/v1"
 
@@ -81,13 +80,7 @@ class WebServer:
         raise AssertionError("gunicorn did not answer /health within 60s")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc)
 
     def errors(self) -> list[str]:
         """Unhandled errors the server logged, one line each: where in InferQ's code, and the exception."""
