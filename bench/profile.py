@@ -21,10 +21,9 @@ from pathlib import Path
 import joblib
 import numpy as np
 import psutil
-import redis
 
 from bench.run import BENCH_DB, BENCH_REDIS_DB, batch_data, job_throughput, warm_up
-from bench.stack import ROOT, Client, Stack, base_urls, fresh_database, redis_db_url, reset_dir
+from bench.stack import ROOT, Client, Stack, own_services, reset_dir
 
 
 def _postgres_backends(database: str) -> list[psutil.Process]:
@@ -135,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     csv_path, model_path = batch_data(100_000)
     model = joblib.load(model_path)
-    db_base, redis_base = base_urls()
-    redis_url = redis_db_url(redis_base, BENCH_REDIS_DB)
-    redis.Redis.from_url(redis_url).flushdb()
-    database_url = fresh_database(db_base, BENCH_DB, redis_url)
-    os.environ.update(DATABASE_URL=database_url, REDIS_URL=redis_url)
+    database_url, redis_url = own_services(BENCH_DB, BENCH_REDIS_DB)
     out_dir = reset_dir(ROOT / "var" / "bench-profile")
     stack = Stack(out_dir / "stack", database_url, redis_url, concurrency=args.concurrency,
                   env_overrides={"BENCH_PROFILE_DIR": str(out_dir)})

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import redis
 import requests
 
-from bench.stack import ROOT, Client, Stack, Worker, base_urls, fresh_database, redis_db_url, reset_dir
+from bench.stack import ROOT, Client, Stack, Worker, own_services, reset_dir
 
 # test slots 0-3 use Redis dbs 15-12 (tests/conftest.py): the bench stays clear of them
 BENCH_DB, BENCH_REDIS_DB = "inferq_bench", 10
@@ -414,12 +413,7 @@ def batch_run(client: Client, model_id: str, csv_path: Path, workdir: Path, rows
     batch = wait_batch(client, r.json()["id"], 1200)
     assert batch["status"] == "succeeded", batch
     scored = time.perf_counter()
-    out = workdir / "batch-result.csv"
-    with client.http.get(f"{client.base}/api/v1/batches/{batch['id']}/result", stream=True, timeout=600) as res:
-        res.raise_for_status()
-        with open(out, "wb") as f:
-            for chunk in res.iter_content(1 << 20):
-                f.write(chunk)
+    out = client.download_batch(batch["id"], workdir / "batch-result.csv", timeout=600)
     done = time.perf_counter()
     import pyarrow.csv as pacsv
 
@@ -604,11 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     upload_path = large_upload_file(csv_path if profile.name == "full" else batch_data(100_000)[0],
                                     profile.upload_bytes)
 
-    db_base, redis_base = base_urls()
-    redis_url = redis_db_url(redis_base, BENCH_REDIS_DB)
-    redis.Redis.from_url(redis_url).flushdb()
-    database_url = fresh_database(db_base, BENCH_DB, redis_url)
-    os.environ.update(DATABASE_URL=database_url, REDIS_URL=redis_url)
+    database_url, redis_url = own_services(BENCH_DB, BENCH_REDIS_DB)
     workdir = reset_dir(ROOT / "var" / "bench")
     stack = Stack(workdir, database_url, redis_url, workers=2, concurrency=args.concurrency,
                   env_overrides={"MODEL_CACHE_SIZE": "5", "MODEL_CACHE_BYTES": str(budget)})

@@ -306,12 +306,7 @@ def check_batch(client: Client, batch: dict, model, x: np.ndarray, workdir: Path
     if batch["status"] != "succeeded":
         report["ok"] = False
         return report
-    out = workdir / "soak-result.csv"
-    with client.http.get(f"{client.base}/api/v1/batches/{batch['id']}/result", stream=True, timeout=120) as r:
-        r.raise_for_status()
-        with open(out, "wb") as f:
-            for chunk in r.iter_content(1 << 20):
-                f.write(chunk)
+    out = client.download_batch(batch["id"], workdir / "soak-result.csv", timeout=120)
     table = pacsv.read_csv(out, convert_options=pacsv.ConvertOptions(column_types={"row_id": "int64"}))
     ids = table.column("row_id").to_numpy()
     predictions = table.column("prediction").to_pylist()

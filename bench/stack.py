@@ -72,6 +72,16 @@ def migrate(database_url: str, redis_url: str) -> None:
                         "FLASK_APP": "web.app:create_app"})
 
 
+def own_services(database: str, redis_db: int) -> tuple[str, str]:
+    """A fresh database and an emptied Redis db for one bench command, exported to what it starts."""
+    db_base, redis_base = base_urls()
+    redis_url = redis_db_url(redis_base, redis_db)
+    redis.Redis.from_url(redis_url).flushdb()
+    database_url = fresh_database(db_base, database, redis_url)
+    os.environ.update(DATABASE_URL=database_url, REDIS_URL=redis_url)
+    return database_url, redis_url
+
+
 def redis_db_url(base_url: str, db: int) -> str:
     """The same Redis server as `base_url`, database number `db`."""
     parsed = redis.connection.parse_url(base_url)
@@ -357,3 +367,12 @@ class Client:
                            data={"name": name}, timeout=300)
         assert r.status_code == 201, r.text
         return r.json()
+
+    def download_batch(self, batch_id: str, out: Path, timeout: float) -> Path:
+        """Stream a finished batch's result to `out`."""
+        with self.http.get(f"{self.base}/api/v1/batches/{batch_id}/result", stream=True, timeout=timeout) as r:
+            r.raise_for_status()
+            with open(out, "wb") as f:
+                for chunk in r.iter_content(1 << 20):
+                    f.write(chunk)
+        return out
