@@ -13,7 +13,7 @@ from functools import cache
 from typing import Iterator, TypeVar
 
 import redis
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, Executable, Row, create_engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,6 +35,13 @@ def engine() -> Engine:
 
 
 @cache
+def _autocommit_engine() -> Engine:
+    """For the scoring path's single statements: each is one round trip, with no BEGIN, COMMIT or ping.
+    A connection PostgreSQL dropped fails its statement, and `execute` runs it again on a fresh one."""
+    return create_engine(settings().database_url, isolation_level="AUTOCOMMIT", pool_size=1, max_overflow=2)
+
+
+@cache
 def _sessions() -> sessionmaker[Session]:
     return sessionmaker(engine(), expire_on_commit=False)
 
@@ -44,6 +51,15 @@ def session() -> Iterator[Session]:
     """A session that is closed when the block ends, so no task leaves one behind."""
     with _sessions()() as s:
         yield s
+
+
+def execute(statement: Executable, params: dict | None = None) -> list[Row]:
+    """Run one statement (atomic on its own) and return its rows, retrying while PostgreSQL is unreachable."""
+    def run() -> list[Row]:
+        with _autocommit_engine().connect() as connection:
+            return connection.execute(statement, params or {}).all()
+
+    return with_db_retry(run)
 
 
 @cache
@@ -67,7 +83,7 @@ def identity() -> str:
 
 def reset_after_fork() -> None:
     """Forget every connection and cache inherited from the parent process."""
-    for factory in (engine, _sessions, redis_client, model_cache):
+    for factory in (engine, _autocommit_engine, _sessions, redis_client, model_cache):
         factory.cache_clear()
 
 

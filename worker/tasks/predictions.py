@@ -75,23 +75,19 @@ FINISH = text("""
 
 
 def _claim(statement, **params) -> list[ClaimedJob]:
-    with runtime.session() as s:
-        rows = s.execute(statement, {"worker": runtime.identity(), **params}).all()
-        s.commit()
-    return [ClaimedJob(*row) for row in rows]
+    return [ClaimedJob(*row) for row in runtime.execute(statement, {"worker": runtime.identity(), **params})]
 
 
 def claim(job_id: uuid.UUID) -> list[ClaimedJob]:
     """The job (first) and its queued peers, now running here; empty if the job is not queued."""
     peers = max(runtime.settings().adaptive_batch_max_jobs - 1, 0)
-    jobs = runtime.with_db_retry(lambda: _claim(CLAIM_WITH_PEERS, job_id=job_id, peers=peers))
+    jobs = _claim(CLAIM_WITH_PEERS, job_id=job_id, peers=peers)
     return sorted(jobs, key=lambda job: job.id != job_id)
 
 
 def _holder(job_id: uuid.UUID) -> tuple[JobStatus, str | None] | None:
-    with runtime.session() as s:
-        row = s.execute(select(PredictionJob.status, PredictionJob.worker).where(PredictionJob.id == job_id)).first()
-    return (row.status, row.worker) if row else None
+    rows = runtime.execute(select(PredictionJob.status, PredictionJob.worker).where(PredictionJob.id == job_id))
+    return (rows[0].status, rows[0].worker) if rows else None
 
 
 def _is_dead_local_worker(worker: str | None) -> bool:
@@ -163,14 +159,7 @@ def finish(outcomes: list[tuple[ClaimedJob, dict]]) -> int:
     """Record outcomes in one transaction, each only if its attempt still holds the job; wake waiters."""
     payload = json.dumps([{"id": str(job.id), "attempts": job.attempts, "status": values["status"].value,
                            **{k: v for k, v in values.items() if k != "status"}} for job, values in outcomes])
-
-    def write() -> set[uuid.UUID]:
-        with runtime.session() as s:
-            written = set(s.scalars(FINISH, {"outcomes": payload}))
-            s.commit()
-            return written
-
-    written = runtime.with_db_retry(write)
+    written = {row.id for row in runtime.execute(FINISH, {"outcomes": payload})}
     with runtime.redis_client().pipeline(transaction=False) as pipe:
         for job, values in outcomes:
             if job.id in written:
