@@ -3,7 +3,9 @@
 Bounded in time and count, it submits single-row jobs (a few of them on a model that crashes its worker)
 and one batch through the real HTTP API while, on a schedule, it SIGKILLs worker pool children, stops a
 whole worker and starts another, and restarts Redis (a redis-server the soak started on its own port).
-Beat runs the reconciler throughout. At the end every job and every batch row is accounted for:
+Beat runs the reconciler throughout. A worker (or beat) that exits on its own is started again by the
+stack's supervisor, as compose or systemd would; those restarts are counted and printed, and change no
+check. At the end every job and every batch row is accounted for:
 
 - each job has exactly one row (submits are retried with the same Idempotency-Key) and reached a final
   status exactly once (a trigger in the soak's database records every final write and result change);
@@ -318,19 +320,18 @@ def check_batch(client: Client, batch: dict, model, x: np.ndarray, workdir: Path
 
 
 def reconciler_activity(stack: Stack) -> dict:
-    """How often beat sent the reconciler and how many jobs it re-enqueued, from the logs."""
+    """How often beat sent the reconciler and what it re-enqueued, from the logs."""
     sent = (stack.log_dir / "beat.log").read_text(errors="replace").count("reconcile") if (stack.log_dir / "beat.log").exists() else 0
-    republished = lost = 0
+    totals = Counter()
     for path in stack.log_dir.glob("w*.log"):
         for line in path.read_text(errors="replace").splitlines():
-            if '"reconciled jobs"' in line:
+            if '"message": "reconciled"' in line:
                 try:
                     record = json.loads(line)
-                    republished += int(record.get("republished", 0))
-                    lost += int(record.get("requeued_lost", 0))
-                except (ValueError, TypeError):
-                    pass
-    return {"beat_sends": sent, "republished": republished, "requeued_lost": lost}
+                except ValueError:
+                    continue
+                totals.update({key: int(record.get(key, 0)) for key in ("republished", "requeued_lost", "batch_steps")})
+    return {"beat_sends": sent, **{key: totals[key] for key in ("republished", "requeued_lost", "batch_steps")}}
 
 
 def run(plan: Plan, database_url: str, workdir: Path, concurrency: int = 2, keep_database: bool = True) -> dict:
@@ -342,7 +343,7 @@ def run(plan: Plan, database_url: str, workdir: Path, concurrency: int = 2, keep
         for statement in AUDIT_SQL:
             conn.execute(sa.text(statement))
     stack = Stack(workdir, database_url, own_redis.url, workers=2, concurrency=concurrency, web_processes=2,
-                  web_threads=8, beat=True, own_redis=own_redis,
+                  web_threads=8, beat=True, own_redis=own_redis, supervise=True,
                   env_overrides={**SOAK_ENV, "BATCH_ROWS_PER_CHUNK": str(plan.rows_per_chunk)})
     run_id = f"soak-{uuid.uuid4().hex[:8]}"
     report: dict = {"plan": asdict(plan), "run": run_id}
@@ -395,6 +396,7 @@ def run(plan: Plan, database_url: str, workdir: Path, concurrency: int = 2, keep
                 conn.execute(sa.text(statement))
         engine.dispose()
     report["seconds"] = round(time.monotonic() - started_at, 1)
+    report["supervisor_restarts"] = stack.restarts
     jobs = report["jobs"]["counts"]
     if jobs.get("unsubmitted"):
         report["jobs"]["problems"].insert(0, f"{jobs['unsubmitted']} jobs not submitted within the time bound "
@@ -441,11 +443,12 @@ def submit_batch(client: Client, model_id: str, path: Path) -> str:
 
 
 def summary(report: dict) -> str:
-    j, b = report["jobs"]["counts"], report["batch"]
+    j, b, restarts = report["jobs"]["counts"], report["batch"], report["supervisor_restarts"]
     lines = [
         f"soak {report['plan']['name']} ({report['run']}): {'PASS' if report['ok'] else 'FAIL'} in {report['seconds']:.0f} s",
         f"  chaos ({report['chaos_seconds']:.0f} s): {report['chaos']}",
         f"  reconciler: {report['reconciler']}",
+        f"  supervisor restarts (processes that exited on their own): {len(restarts)} {restarts or ''}",
         f"  jobs: submitted {report['plan']['jobs']} healthy + {report['plan']['poisoned']} poisoned; "
         f"rows {j.get('rows_for_soak_keys', 0)}, duplicates {j.get('duplicate_rows', 0)}",
         f"        succeeded (right answer) {j.get('succeeded', 0)}, poisoned failed with reason "

@@ -7,6 +7,7 @@ on a free port, which the soak can restart without disturbing anyone else using 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +170,7 @@ class Worker:
         self.env, self.name, self.concurrency, self.app, self.queues = env, name, concurrency, app, queues
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
+        self.supervised = True    # until it is told to stop, or has been replaced after an exit
 
     def start(self) -> "Worker":
         log = open(self.log_path, "ab")
@@ -180,6 +183,14 @@ class Worker:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def exited_unexpectedly(self) -> bool:
+        return self.supervised and self.proc is not None and self.proc.poll() is not None
+
+    def kill_leftovers(self) -> None:
+        """SIGKILL whatever is left of an exited worker's process group (pool children), as systemd would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def children(self) -> list[psutil.Process]:
         try:
@@ -200,12 +211,17 @@ class Worker:
 
     def stop(self, timeout: float = 30) -> None:
         """Warm shutdown (SIGTERM: running tasks finish), SIGKILL after `timeout`."""
+        self.supervised = False
         _stop_group(self.proc, signal.SIGTERM, timeout)
 
 
 @dataclass
 class Stack:
-    """The web, `workers` celery workers of `concurrency` children each, and optionally beat."""
+    """The web, `workers` celery workers of `concurrency` children each, and optionally beat.
+
+    With `supervise`, a worker or beat that exits without being told to is started again, as systemd,
+    compose (`restart: unless-stopped`) or Kubernetes would do; each restart is recorded in `restarts`.
+    """
 
     workdir: Path
     database_url: str
@@ -219,6 +235,7 @@ class Stack:
     own_redis: OwnRedis | None = None
     web_app: str = "web.app:create_app()"      # bench.profiled swaps in profiled versions
     worker_app: str = "worker.celery_app"
+    supervise: bool = False
 
     def __post_init__(self) -> None:
         self.port = free_port()
@@ -227,6 +244,11 @@ class Stack:
         self.worker_procs: list[Worker] = []
         self.started_workers = 0
         self.log_dir = self.workdir / "logs"
+        self.restarts: list[dict] = []
+        self._worker_lock = threading.Lock()      # the chaos and the supervisor both start workers
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self.started_at = time.monotonic()
 
     @property
     def url(self) -> str:
@@ -255,6 +277,9 @@ class Stack:
             worker.wait_ready()
         if self.beat:
             self.start_beat()
+        if self.supervise:
+            self._supervisor = threading.Thread(target=self._supervise, name="stack-supervisor", daemon=True)
+            self._supervisor.start()
         return self
 
     def start_web(self) -> None:
@@ -287,10 +312,11 @@ class Stack:
             return []
 
     def start_worker(self, wait: bool = False) -> Worker:
-        name = f"w{self.started_workers}-{os.getpid()}"
-        self.started_workers += 1
-        worker = Worker(self.env, name, self.concurrency, self.log_dir, app=self.worker_app).start()
-        self.worker_procs.append(worker)
+        with self._worker_lock:
+            name = f"w{self.started_workers}-{os.getpid()}"
+            self.started_workers += 1
+            worker = Worker(self.env, name, self.concurrency, self.log_dir, app=self.worker_app).start()
+            self.worker_procs.append(worker)
         if wait:
             worker.wait_ready()
         return worker
@@ -327,7 +353,34 @@ class Stack:
         new = self.start_worker(wait=True)
         return old.name, new.name
 
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.5):
+            self.restart_exited()
+
+    def restart_exited(self) -> None:
+        """Start a replacement for each worker (and beat) that exited on its own since the last look."""
+        for worker in list(self.worker_procs):
+            if worker.exited_unexpectedly():
+                worker.supervised = False
+                worker.kill_leftovers()
+                replacement = self.start_worker()
+                self._record_restart(worker.name, worker.proc.returncode, replacement.name)
+        if self.beat_proc is not None and self.beat_proc.poll() is not None and not self._stopping.is_set():
+            code = self.beat_proc.returncode
+            self.start_beat()
+            self._record_restart("beat", code, "beat")
+
+    def _record_restart(self, exited: str, code: int, replacement: str) -> None:
+        restart = {"t": round(time.monotonic() - self.started_at, 1), "exited": exited, "code": code,
+                   "replacement": replacement}
+        self.restarts.append(restart)
+        print(f"[stack {time.strftime('%H:%M:%S')}] supervisor: {exited} exited with code {code}; "
+              f"started {replacement} (see {self.log_dir})", flush=True)
+
     def stop(self) -> None:
+        self._stopping.set()
+        if self._supervisor:
+            self._supervisor.join()
         _stop_group(self.beat_proc, signal.SIGTERM, 10)
         for worker in self.worker_procs:
             worker.stop(timeout=15)
