@@ -1,6 +1,9 @@
 """Task names, queues and the Celery configuration both the web and the workers use."""
 from __future__ import annotations
 
+import json
+from datetime import datetime
+
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -72,6 +75,26 @@ def create_celery(settings: Settings, name: str = "inferq") -> Celery:
 JOB_DONE_PATTERN = "inferq:job-done:*"
 
 
+# a larger job-done message carries only the status: its waiters read the job from PostgreSQL
+JOB_DONE_MAX_BYTES = 64 * 1024
+_ANNOUNCED_TIMES = ("started_at", "finished_at")
+
+
 def job_done_channel(job_id: str) -> str:
     """Redis pub/sub channel a worker publishes on when a job ends; `?wait` listens to JOB_DONE_PATTERN."""
     return f"inferq:job-done:{job_id}"
+
+
+def job_done_message(final: dict) -> str:
+    """A job's end as announced on its channel: the fields the worker just committed (a copy of the row, which
+    stays the source of truth), so a waiting request need not read them back; just the status if large."""
+    message = json.dumps({**final, **{key: final[key].isoformat() for key in _ANNOUNCED_TIMES if final.get(key)}})
+    return message if len(message) <= JOB_DONE_MAX_BYTES else json.dumps({"status": final["status"]})
+
+
+def read_job_done(message: bytes | str) -> dict | None:
+    """The announced fields, times as datetimes; None when the message carries only the status."""
+    final = json.loads(message)
+    if set(final) == {"status"}:
+        return None
+    return {**final, **{key: datetime.fromisoformat(final[key]) for key in _ANNOUNCED_TIMES if final.get(key)}}

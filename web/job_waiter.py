@@ -1,54 +1,73 @@
 """Wake request threads when their job ends: one Redis pattern subscription per web process.
 
-A `?wait` request registers an event for its job id; a single listener thread turns each
-"job done" message published by a worker into that event. No connection per request, no
-polling of PostgreSQL: the handler reads the job again only when woken.
+A `?wait` request watches its job id; a single listener thread hands each "job done" message published
+by a worker to the watches of that job. The message carries the fields the worker just committed, so a
+woken request answers without reading the row back; no connection per request, no polling.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import redis
 
-from common.queues import JOB_DONE_PATTERN
+from common.queues import JOB_DONE_PATTERN, read_job_done
 
 log = logging.getLogger(__name__)
+
+
+class Watch:
+    """One request's interest in one job's end."""
+
+    def __init__(self) -> None:
+        self._woken = threading.Event()
+        self.final: dict | None = None
+
+    def wake(self, final: dict | None) -> None:
+        if final is not None:
+            self.final = final
+        self._woken.set()
+
+    def wait(self, seconds: float, finished: Callable[[], bool]) -> dict | None:
+        """The job's final fields once its end is announced; None when time is up, or when a wake-up without
+        fields (a lost subscription, a large result) finds `finished()` true: the caller then has the row."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and self._woken.wait(left):
+            self._woken.clear()
+            if self.final is not None:
+                return self.final
+            if finished():
+                return None
+        return None
 
 
 class JobWaiter:
     def __init__(self, client: redis.Redis):
         self._client = client
-        self._events: dict[str, set[threading.Event]] = {}
+        self._watches: dict[str, set[Watch]] = {}
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def wait(self, job_id: str, seconds: float, finished: Callable[[], bool]) -> None:
-        """Return when `finished()` is true (checked after each wake-up) or `seconds` have passed."""
-        event = threading.Event()
-        self._register(job_id, event)
+    @contextmanager
+    def watch(self, job_id: str) -> Iterator[Watch]:
+        """Watch a job's end from now on: enter before its message is published (or before reading its
+        status), and no announcement can be missed."""
+        watch = Watch()
+        with self._lock:
+            self._watches.setdefault(job_id, set()).add(watch)
         try:
-            self._ensure_listening(timeout=min(seconds, 2.0))
-            deadline = time.monotonic() + seconds
-            while not finished() and (left := deadline - time.monotonic()) > 0:
-                event.wait(left)
-                event.clear()
+            self._ensure_listening(timeout=2.0)
+            yield watch
         finally:
-            self._unregister(job_id, event)
-
-    def _register(self, job_id: str, event: threading.Event) -> None:
-        with self._lock:
-            self._events.setdefault(job_id, set()).add(event)
-
-    def _unregister(self, job_id: str, event: threading.Event) -> None:
-        with self._lock:
-            waiting = self._events.get(job_id, set())
-            waiting.discard(event)
-            if not waiting:
-                self._events.pop(job_id, None)
+            with self._lock:
+                watches = self._watches.get(job_id, set())
+                watches.discard(watch)
+                if not watches:
+                    self._watches.pop(job_id, None)
 
     def _ensure_listening(self, timeout: float) -> None:
         with self._lock:
@@ -57,11 +76,11 @@ class JobWaiter:
                 self._thread.start()
         self._subscribed.wait(timeout)
 
-    def _wake(self, job_id: str | None = None) -> None:
+    def _wake(self, job_id: str | None = None, final: dict | None = None) -> None:
         with self._lock:
-            targets = self._events.get(job_id, set()) if job_id else set().union(*self._events.values())
-            for event in targets:
-                event.set()
+            targets = self._watches.get(job_id, set()) if job_id else set().union(*self._watches.values())
+            for watch in targets:
+                watch.wake(final)
 
     def _listen_forever(self) -> None:
         while True:
@@ -82,6 +101,13 @@ class JobWaiter:
             self._wake()  # anything finished while we were connecting
             for message in pubsub.listen():
                 if message["type"] == "pmessage":
-                    self._wake(message["channel"].decode().rsplit(":", 1)[1])
+                    self._announce(message["channel"].decode().rsplit(":", 1)[1], message["data"])
         finally:
             pubsub.close()
+
+    def _announce(self, job_id: str, data: bytes) -> None:
+        try:
+            final = read_job_done(data)
+        except ValueError:  # not a message we can read: the waiters read the row instead
+            final = None
+        self._wake(job_id, final)

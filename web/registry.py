@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from dataclasses import dataclass
+from functools import lru_cache
 
 from flask import current_app
 from sqlalchemy import select
@@ -86,6 +88,39 @@ def resolve_reference(owner_id: uuid.UUID, reference: str) -> ModelVersion:
     if row is None:
         raise not_found(f"Model {reference!r}")
     return row
+
+
+@dataclass(frozen=True)
+class InputSchema:
+    """What checking a job's input needs of a version: fixed for the version's life."""
+    id: uuid.UUID
+    owner_id: uuid.UUID
+    n_features_in: int | None
+    feature_names: list[str] | None
+    feature_kinds: list[str] | None
+
+
+@lru_cache(maxsize=4096)
+def _input_schema(version_id: uuid.UUID) -> InputSchema:
+    row = db.session.get(ModelVersion, version_id)
+    if row is None:
+        raise not_found("Model")  # not cached: lru_cache keeps only returned values
+    return InputSchema(row.id, row.owner_id, row.n_features_in, row.feature_names, row.feature_kinds)
+
+
+def input_schema(owner_id: uuid.UUID, reference: str) -> InputSchema | ModelVersion:
+    """The version a job names, for checking its input. A version id is answered from this process's cache
+    (no read per job), so whether it can still serve is checked when the job is inserted."""
+    try:
+        version_id = uuid.UUID(reference)
+    except ValueError:
+        model = resolve_reference(owner_id, reference)
+        require_servable(model)
+        return model
+    schema = _input_schema(version_id)
+    if schema.owner_id != owner_id:
+        raise not_found("Model")
+    return schema
 
 
 def require_servable(model: ModelVersion) -> None:

@@ -1,6 +1,7 @@
 """Prediction jobs end to end: the API, real Redis, real Celery worker processes, PostgreSQL."""
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from sklearn.datasets import load_breast_cancer, load_iris
 from sklearn.linear_model import LogisticRegression, Ridge
 
+from common.queues import JOB_DONE_MAX_BYTES
 from tests.conftest import upload
 
 
@@ -42,6 +44,20 @@ def test_submit_wait_returns_predictions_probabilities_and_timings(client, user,
     assert set(job["timings"]) == {"queue_ms", "load_ms", "inference_ms", "total_ms"}
     assert job["timings"]["total_ms"] >= job["timings"]["queue_ms"] >= 0
     assert job["worker"] and job["started_at"] and job["finished_at"]
+
+
+@pytest.mark.parametrize("rows", [1, 1000], ids=["announced-fields", "large-result-read-back"])
+def test_wait_answers_exactly_what_a_later_poll_reads(client, user, workers, iris_model, iris_version, rows):
+    """?wait answers from the worker's job-done message when it carries the fields, from PostgreSQL when the
+    result is too large to announce; either way the answer is the committed row."""
+    _, X = iris_model
+    instances = np.resize(X, (rows, 4)).tolist()
+    waited = submit(client, user["headers"], iris_version["id"], instances, wait=20)
+    assert waited.status_code == 200 and waited.json["status"] == "succeeded", waited.json
+    polled = client.get(waited.headers["Location"], headers=user["headers"])
+    assert polled.json == waited.json
+    assert len(waited.json["result"]["predictions"]) == rows
+    assert (len(json.dumps(waited.json["result"])) > JOB_DONE_MAX_BYTES) == (rows > 1)
 
 
 def test_submit_without_wait_is_202_and_poll_finds_the_result(client, user, workers, iris_model, iris_version):

@@ -2,24 +2,28 @@
 from __future__ import annotations
 
 import uuid
+from contextlib import nullcontext
 
 import marshmallow as ma
 from flask import current_app, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 from common.extensions import db
 from common.logging import log_context
-from common.models import FINAL_STATUSES, JobStatus, PredictionJob
+from common.models import FINAL_STATUSES, JobStatus, ModelStatus, ModelVersion, PredictionJob
 from common.queues import RUN_PREDICTION
 from web.errors import ApiError, not_found
 from web.instances import validate_instances
 from web.pagination import PageQuerySchema, page_schema, paginate
 from web.observability import job_submitted, request_id
 from web.publishing import publish
-from web.registry import require_servable, resolve_reference
+from web.job_waiter import Watch
+from web.registry import get_version, input_schema, require_servable
 from web.security import auth_required, current_user
 
 blp = Blueprint("jobs", __name__, description="Asynchronous prediction jobs")
@@ -95,34 +99,81 @@ def _existing_for_key(key: str) -> PredictionJob | None:
         PredictionJob.owner_id == current_user().id, PredictionJob.idempotency_key == key))
 
 
+def _insert_if_servable(model_id: uuid.UUID, rows: list, key: str | None) -> PredictionJob | None:
+    """Insert and commit the job row in one statement, only while its model is not archived; the row as
+    PostgreSQL returns it, or None when the model cannot serve."""
+    table = PredictionJob.__table__
+    values = {"id": uuid.uuid4(), "owner_id": current_user().id, "model_version_id": model_id,
+              "status": JobStatus.queued, "instances": rows, "attempts": 0, "idempotency_key": key,
+              "request_id": request_id()}
+    servable = select(ModelVersion.id).where(ModelVersion.id == model_id, ModelVersion.status != ModelStatus.archived)
+    row = select(*(literal(value, table.c[name].type) for name, value in values.items())).where(servable.exists())
+    statement = insert(table).from_select(list(values), row).returning(*table.c)
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        inserted = connection.execute(statement).first()
+    if inserted is None:
+        return None
+    job = PredictionJob(**inserted._mapping)
+    make_transient_to_detached(job)  # as if loaded: the session can refresh it without writing it again
+    db.session.add(job)
+    return job
+
+
 def _insert_job(model_id: uuid.UUID, rows: list, key: str | None) -> tuple[PredictionJob, bool]:
     """Commit the job row (before any message exists); (job, created)."""
-    job = PredictionJob(owner_id=current_user().id, model_version_id=model_id, instances=rows,
-                        idempotency_key=key, request_id=request_id())
-    db.session.add(job)
     try:
-        db.session.commit()
-        return job, True
+        job = _insert_if_servable(model_id, rows, key)
     except IntegrityError:
-        db.session.rollback()
         existing = _existing_for_key(key) if key else None
         if existing is None:
             raise
         return existing, False
+    if job is None:  # archived (or deleted) since its schema was cached: answer as a fresh read says
+        require_servable(get_version(current_user().id, model_id))
+        raise not_found("Model")
+    return job, True
 
 
-def _wait_for(job: PredictionJob, seconds: float) -> PredictionJob:
-    """Block until the worker announces the job's end on pub/sub, or `seconds` pass."""
-    seconds = min(seconds, current_app.extensions["settings"].max_wait_seconds)
-    if seconds <= 0 or job.status in FINAL_STATUSES:
-        return job
+def _settle(job: PredictionJob, final: dict | None) -> PredictionJob:
+    """The job with the final fields its worker announced (already committed to its row)."""
+    for key, value in (final or {}).items():
+        set_committed_value(job, key, JobStatus(value) if key == "status" else value)
+    return job
 
+
+def _wait_seconds(asked: float) -> float:
+    return min(asked, current_app.extensions["settings"].max_wait_seconds)
+
+
+def _await_end(job: PredictionJob, watch: Watch, seconds: float, check_first: bool) -> PredictionJob:
     def finished() -> bool:
         db.session.refresh(job)
         return job.status in FINAL_STATUSES
 
-    current_app.extensions["job_waiter"].wait(str(job.id), seconds, finished)
-    return job
+    if check_first and finished():  # it may have ended before the watch began
+        return job
+    return _settle(job, watch.wait(seconds, finished))
+
+
+def _wait_for(job: PredictionJob, seconds: float) -> PredictionJob:
+    """The job once it ends (announced on pub/sub), or as it is after `seconds`."""
+    seconds = _wait_seconds(seconds)
+    if seconds <= 0 or job.status in FINAL_STATUSES:
+        return job
+    with current_app.extensions["job_waiter"].watch(str(job.id)) as watch:
+        return _await_end(job, watch, seconds, check_first=True)
+
+
+def _publish_and_wait(job: PredictionJob, seconds: float) -> PredictionJob:
+    """Enqueue a new job and, if asked, wait for it: watched from before its message exists, its end cannot
+    be missed and needs no read of its row."""
+    seconds = _wait_seconds(seconds)
+    with current_app.extensions["job_waiter"].watch(str(job.id)) if seconds > 0 else nullcontext() as watch:
+        # the message carries the job's log context, so the worker need not read it back
+        with log_context(job_id=str(job.id), model_id=str(job.model_version_id)):
+            publish(RUN_PREDICTION, str(job.id))
+        job_submitted(job)
+        return _await_end(job, watch, seconds, check_first=False) if watch else job
 
 
 def _answer(job: PredictionJob):
@@ -144,17 +195,13 @@ def predict(body: dict, query: dict, model_ref: str):
         raise ApiError(422, "invalid_idempotency_key", "Idempotency-Key must be at most 255 characters")
     if key and (existing := _existing_for_key(key)):
         return _answer(_wait_for(existing, query["wait"]))
-    model = resolve_reference(current_user().id, model_ref)
-    require_servable(model)
+    model = input_schema(current_user().id, model_ref)
     limit = current_app.extensions["settings"].max_instances_per_job
     rows = validate_instances(model, body["instances"], limit)
     job, created = _insert_job(model.id, rows, key)
-    if created:
-        # the message carries the job's log context, so the worker need not read it back
-        with log_context(job_id=str(job.id), model_id=str(job.model_version_id)):
-            publish(RUN_PREDICTION, str(job.id))
-        job_submitted(job)
-    return _answer(_wait_for(job, query["wait"]))
+    if not created:
+        return _answer(_wait_for(job, query["wait"]))
+    return _answer(_publish_and_wait(job, query["wait"]))
 
 
 @blp.route("/jobs")

@@ -24,7 +24,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, text
 
 from common.models import JobStatus, PredictionJob
-from common.queues import RUN_PREDICTION, job_done_channel
+from common.queues import RUN_PREDICTION, job_done_channel, job_done_message
 from worker import runtime
 from worker.observability import job_finished, model_loaded
 from worker.serving import ModelInfo, load_model, model_info
@@ -71,7 +71,7 @@ FINISH = text("""
     FROM jsonb_to_recordset(CAST(:outcomes AS jsonb)) AS v(id uuid, attempts int, status text, result jsonb,
          error jsonb, cache_hit boolean, load_ms float8, inference_ms float8)
     WHERE j.id = v.id AND j.status = 'running' AND j.attempts = v.attempts
-    RETURNING j.id""")
+    RETURNING j.id, j.attempts, j.worker, j.started_at, j.finished_at, j.queue_ms, j.total_ms""")
 
 
 def _claim(statement, **params) -> list[ClaimedJob]:
@@ -155,16 +155,26 @@ def _model_error(exc: Exception) -> dict:
     return _failure("prediction_error", f"{type(exc).__name__}: {message}")
 
 
+ANNOUNCED_VALUES = ("result", "error", "cache_hit", "load_ms", "inference_ms")
+ANNOUNCED_COLUMNS = ("attempts", "worker", "started_at", "finished_at", "queue_ms", "total_ms")
+
+
+def announced(row, values: dict) -> dict:
+    """A finished job's fields as its row now holds them, for the job-done message."""
+    return {"status": values["status"].value, **{key: values.get(key) for key in ANNOUNCED_VALUES},
+            **{key: getattr(row, key) for key in ANNOUNCED_COLUMNS}}
+
+
 def finish(outcomes: list[tuple[ClaimedJob, dict]]) -> int:
-    """Record outcomes in one transaction, each only if its attempt still holds the job; wake waiters."""
+    """Record outcomes in one statement, each only if its attempt still holds the job; announce each one written."""
     payload = json.dumps([{"id": str(job.id), "attempts": job.attempts, "status": values["status"].value,
                            **{k: v for k, v in values.items() if k != "status"}} for job, values in outcomes])
-    written = {row.id for row in runtime.execute(FINISH, {"outcomes": payload})}
+    written = {row.id: row for row in runtime.execute(FINISH, {"outcomes": payload})}
     with runtime.redis_client().pipeline(transaction=False) as pipe:
         for job, values in outcomes:
             if job.id in written:
                 job_finished(job, values)
-                pipe.publish(job_done_channel(str(job.id)), values["status"].value)
+                pipe.publish(job_done_channel(str(job.id)), job_done_message(announced(written[job.id], values)))
         pipe.execute()
     return len(written)
 
