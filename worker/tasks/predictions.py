@@ -14,6 +14,7 @@ import re
 import signal
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,22 +105,32 @@ def _is_dead_local_worker(worker: str | None) -> bool:
         return False
 
 
-def build_features(info: ModelInfo, rows: list) -> Any:
-    """The input matrix: a DataFrame when the model was trained on named columns, else a float array."""
-    if not info.feature_names:
+# Estimators that read their input by position. Given the fitted column order (the web orders named features
+# by the model), a float array scores exactly as a DataFrame does, without pandas' cost on every call; only
+# sklearn's reminder that the array has no column names is silenced. Pipelines and meta-estimators, which may
+# select columns by name, always get a DataFrame.
+POSITIONAL_ESTIMATORS = ("sklearn.linear_model.", "sklearn.tree.", "sklearn.ensemble._forest", "sklearn.ensemble._gb",
+                         "sklearn.neighbors.", "sklearn.naive_bayes.", "sklearn.svm.", "sklearn.discriminant_analysis")
+warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
+
+
+def build_features(info: ModelInfo, rows: list, model: Any) -> Any:
+    """The input matrix: a DataFrame when the model may need its columns' names, else a float array."""
+    kinds = info.feature_kinds or ("numeric",) * len(info.feature_names or ())
+    numeric = all(kind == "numeric" for kind in kinds)
+    if not info.feature_names or numeric and type(model).__module__.startswith(POSITIONAL_ESTIMATORS):
         return np.asarray(rows, dtype=np.float64)
-    kinds = info.feature_kinds or ("numeric",) * len(info.feature_names)
-    if all(kind == "numeric" for kind in kinds):  # one float block, no per-column conversion
+    if numeric:  # one float block, no per-column conversion
         return pd.DataFrame(np.asarray(rows, dtype=np.float64), columns=list(info.feature_names))
     frame = pd.DataFrame(rows, columns=list(info.feature_names))
-    numeric = [name for name, kind in zip(info.feature_names, kinds) if kind == "numeric"]
-    frame[numeric] = frame[numeric].astype("float64")
+    numeric_columns = [name for name, kind in zip(info.feature_names, kinds) if kind == "numeric"]
+    frame[numeric_columns] = frame[numeric_columns].astype("float64")
     return frame
 
 
 def predict(model: Any, info: ModelInfo, rows: list) -> list[dict]:
     """One result per row: its prediction and, for classifiers, its class probabilities."""
-    features = build_features(info, rows)
+    features = build_features(info, rows, model)
     predictions = np.asarray(model.predict(features)).tolist()
     if not (info.has_predict_proba and info.task_kind == "classifier"):
         return [{"predictions": [p]} for p in predictions]
