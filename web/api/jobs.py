@@ -8,7 +8,7 @@ import marshmallow as ma
 from flask import current_app, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from sqlalchemy import func, insert, literal, select, update
+from sqlalchemy import Insert, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
@@ -99,18 +99,29 @@ def _existing_for_key(key: str) -> PredictionJob | None:
         PredictionJob.owner_id == current_user().id, PredictionJob.idempotency_key == key))
 
 
+def _guarded_insert() -> Insert:
+    """INSERT INTO prediction_jobs SELECT :values WHERE the model is not archived RETURNING the row."""
+    table = PredictionJob.__table__
+    columns = ("id", "owner_id", "model_version_id", "status", "instances", "attempts", "idempotency_key",
+               "request_id")
+    values = {name: bindparam(name, type_=table.c[name].type) for name in columns}
+    servable = select(ModelVersion.id).where(ModelVersion.id == values["model_version_id"],
+                                             ModelVersion.status != ModelStatus.archived)
+    row = select(*values.values()).where(servable.exists())
+    return insert(table).from_select(list(columns), row).returning(*table.c)
+
+
+GUARDED_INSERT = _guarded_insert()
+
+
 def _insert_if_servable(model_id: uuid.UUID, rows: list, key: str | None) -> PredictionJob | None:
     """Insert and commit the job row in one statement, only while its model is not archived; the row as
     PostgreSQL returns it, or None when the model cannot serve."""
-    table = PredictionJob.__table__
     values = {"id": uuid.uuid4(), "owner_id": current_user().id, "model_version_id": model_id,
               "status": JobStatus.queued, "instances": rows, "attempts": 0, "idempotency_key": key,
               "request_id": request_id()}
-    servable = select(ModelVersion.id).where(ModelVersion.id == model_id, ModelVersion.status != ModelStatus.archived)
-    row = select(*(literal(value, table.c[name].type) for name, value in values.items())).where(servable.exists())
-    statement = insert(table).from_select(list(values), row).returning(*table.c)
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        inserted = connection.execute(statement).first()
+        inserted = connection.execute(GUARDED_INSERT, values).first()
     if inserted is None:
         return None
     job = PredictionJob(**inserted._mapping)

@@ -181,12 +181,13 @@ def finish(outcomes: list[tuple[ClaimedJob, dict]]) -> int:
     payload = json.dumps([{"id": str(job.id), "attempts": job.attempts, "status": values["status"].value,
                            **{k: v for k, v in values.items() if k != "status"}} for job, values in outcomes])
     written = {row.id: row for row in runtime.execute(FINISH, {"outcomes": payload})}
+    recorded = [(job, values) for job, values in outcomes if job.id in written]
     with runtime.redis_client().pipeline(transaction=False) as pipe:
-        for job, values in outcomes:
-            if job.id in written:
-                job_finished(job, values)
-                pipe.publish(job_done_channel(str(job.id)), job_done_message(announced(written[job.id], values)))
+        for job, values in recorded:
+            pipe.publish(job_done_channel(str(job.id)), job_done_message(announced(written[job.id], values)))
         pipe.execute()
+    for job, values in recorded:  # after the wake-ups: waiting clients need not wait for logs and metrics
+        job_finished(job, values)
     return len(written)
 
 
