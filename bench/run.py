@@ -47,7 +47,7 @@ class Profile:
 
 
 FULL = Profile("full", 500, 400, 30.0, 1_000_000, 20, 1 << 30)
-QUICK = Profile("quick", 150, 120, 8.0, 100_000, 5, 256 << 20)
+QUICK = Profile("quick", 150, 120, 6.0, 100_000, 5, 256 << 20)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -155,7 +155,7 @@ def celery_floor(stack: Stack, profile: Profile, concurrency: int) -> dict:
             rtts.append(time.perf_counter() - started)
         latencies = run_clients(_noop_client, [()] * CLIENTS, profile.throughput_seconds)
         # open loop: how fast the two workers drain a backlog
-        count = 2000 if profile.name == "full" else 500
+        count = 2000 if profile.name == "full" else 300
         started = time.perf_counter()
         results = [noop.delay() for _ in range(count)]
         for r in results:

@@ -92,7 +92,7 @@ def revoke_token(jti: str, expires_in: timedelta) -> None:
 
 
 def register_jwt_callbacks(app: Flask) -> None:
-    """JWT failures answer in the JSON error shape; a token Redis cannot vouch for is refused."""
+    """JWT failures answer in the JSON error shape; a token Redis cannot vouch for is refused (503, retry)."""
 
     @jwt.token_in_blocklist_loader
     def is_revoked(_header: dict, payload: dict) -> bool:
@@ -102,7 +102,9 @@ def register_jwt_callbacks(app: Flask) -> None:
                 keys.append(FAMILY_PREFIX + payload["fam"])
             return redis_client().exists(*keys) > 0
         except redis.RedisError:
-            return True  # fail closed: an unverifiable token is not accepted
+            # fail closed, and say why: the token may be fine, so a 401 would send clients to log in again
+            raise ApiError(503, "auth_unavailable", "Token revocation cannot be checked right now; retry shortly",
+                           headers={"Retry-After": "1"}) from None
 
     @jwt.unauthorized_loader
     def missing(reason: str):

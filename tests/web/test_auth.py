@@ -149,7 +149,8 @@ def test_tokens_are_refused_when_redis_cannot_be_asked(client, app, user):
         response = client.get("/api/v1/auth/me", headers=user["headers"])
     finally:
         app.extensions["redis"] = real
-    assert response.status_code == 401
+    assert response.status_code == 503 and error_code(response) == "auth_unavailable"
+    assert response.headers["Retry-After"] == "1"
 
 
 def test_api_key_lifecycle(client, user):
