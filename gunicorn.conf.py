@@ -33,7 +33,8 @@ logconfig_dict = {
     "root": {"level": os.environ.get("LOG_LEVEL", "INFO").upper(), "handlers": ["console"]},
     "loggers": {
         "gunicorn.error": {"level": "INFO", "handlers": [], "propagate": True},
-        # inferq.web.access logs every request (with its request id, route and duration): no second line each
+        # inferq.web.access logs each request (request id, route, status, duration, client address, size;
+        # probes and scrapes at DEBUG): gunicorn's own access line would say it twice
         "gunicorn.access": {"level": "WARNING", "handlers": [], "propagate": True},
     },
 }

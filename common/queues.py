@@ -77,7 +77,10 @@ JOB_DONE_PATTERN = "inferq:job-done:*"
 
 # a larger job-done message carries only the status: its waiters read the job from PostgreSQL
 JOB_DONE_MAX_BYTES = 64 * 1024
-_ANNOUNCED_TIMES = ("started_at", "finished_at")
+# what a job-done message copies from the finished row (prediction_jobs columns)
+JOB_DONE_FIELDS = ("status", "result", "error", "cache_hit", "load_ms", "inference_ms", "attempts", "worker",
+                   "started_at", "finished_at", "queue_ms", "total_ms")
+_TIMES = ("started_at", "finished_at")
 
 
 def job_done_channel(job_id: str) -> str:
@@ -85,16 +88,17 @@ def job_done_channel(job_id: str) -> str:
     return f"inferq:job-done:{job_id}"
 
 
-def job_done_message(final: dict) -> str:
-    """A job's end as announced on its channel: the fields the worker just committed (a copy of the row, which
-    stays the source of truth), so a waiting request need not read them back; just the status if large."""
-    message = json.dumps({**final, **{key: final[key].isoformat() for key in _ANNOUNCED_TIMES if final.get(key)}})
-    return message if len(message) <= JOB_DONE_MAX_BYTES else json.dumps({"status": final["status"]})
+def job_done_message(row: dict) -> str:
+    """A job's end as announced on its channel: a copy of the row the worker just committed (the row stays
+    the source of truth), so a waiting request need not read it back; only the status when it is large."""
+    message = json.dumps({key: row.get(key) for key in JOB_DONE_FIELDS}, default=datetime.isoformat)
+    return message if len(message) <= JOB_DONE_MAX_BYTES else json.dumps({"status": row["status"]})
 
 
 def read_job_done(message: bytes | str) -> dict | None:
-    """The announced fields, times as datetimes; None when the message carries only the status."""
-    final = json.loads(message)
-    if set(final) == {"status"}:
+    """The announced copy of the row, times as datetimes; None when the message carries only the status."""
+    announced = json.loads(message)
+    if not isinstance(announced, dict) or not set(JOB_DONE_FIELDS) <= set(announced):
         return None
-    return {**final, **{key: datetime.fromisoformat(final[key]) for key in _ANNOUNCED_TIMES if final.get(key)}}
+    fields = {key: announced[key] for key in JOB_DONE_FIELDS}
+    return {**fields, **{key: datetime.fromisoformat(fields[key]) for key in _TIMES if fields[key]}}

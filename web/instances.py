@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from common.models import ModelVersion
 from web.errors import ApiError
+from web.registry import InputSchema
 
 
 def _invalid(message: str, row: int | None = None, column: Any = None) -> ApiError:
@@ -24,7 +24,7 @@ def _check_value(value: Any, kind: str, row: int, column: Any) -> None:
         raise _invalid(f"row {row}, column {column!r}: expected a string or number", row, column)
 
 
-def _row_from_mapping(model: ModelVersion, item: dict, row: int) -> list:
+def _row_from_mapping(model: InputSchema, item: dict, row: int) -> list:
     names = model.feature_names
     if not names:
         raise _invalid("this model was trained without feature names: send each instance as an array", row)
@@ -37,7 +37,7 @@ def _row_from_mapping(model: ModelVersion, item: dict, row: int) -> list:
     return [item[name] for name in names]
 
 
-def validate_instances(model: ModelVersion, instances: list, limit: int) -> list[list]:
+def validate_instances(model: InputSchema, instances: list, limit: int) -> list[list]:
     """Rows ordered as the model expects them, or a 422 naming the first bad row and column."""
     if not instances:
         raise _invalid("instances must hold at least one row")

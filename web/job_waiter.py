@@ -49,7 +49,6 @@ class JobWaiter:
         self._client = client
         self._watches: dict[str, set[Watch]] = {}
         self._lock = threading.Lock()
-        self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
 
     @contextmanager
@@ -60,7 +59,7 @@ class JobWaiter:
         with self._lock:
             self._watches.setdefault(job_id, set()).add(watch)
         try:
-            self._ensure_listening(timeout=2.0)
+            self._ensure_listening()  # no need to wait for it: on subscribing it wakes every watch
             yield watch
         finally:
             with self._lock:
@@ -69,12 +68,11 @@ class JobWaiter:
                 if not watches:
                     self._watches.pop(job_id, None)
 
-    def _ensure_listening(self, timeout: float) -> None:
+    def _ensure_listening(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._listen_forever, name="job-waiter", daemon=True)
                 self._thread.start()
-        self._subscribed.wait(timeout)
 
     def _wake(self, job_id: str | None = None, final: dict | None = None) -> None:
         with self._lock:
@@ -88,7 +86,6 @@ class JobWaiter:
                 self._listen()
             except redis.RedisError as exc:
                 log.warning("job wake-up subscription lost; retrying", extra={"error": str(exc)})
-            self._subscribed.clear()
             self._wake()  # messages may have been missed: every waiter re-reads its job
             time.sleep(1.0)
 
@@ -97,7 +94,6 @@ class JobWaiter:
         try:
             pubsub.psubscribe(JOB_DONE_PATTERN)
             pubsub.get_message(timeout=5.0)  # the subscription's confirmation
-            self._subscribed.set()
             self._wake()  # anything finished while we were connecting
             for message in pubsub.listen():
                 if message["type"] == "pmessage":
@@ -106,8 +102,12 @@ class JobWaiter:
             pubsub.close()
 
     def _announce(self, job_id: str, data: bytes) -> None:
+        with self._lock:
+            if job_id not in self._watches:  # every process hears every job; most are not waited for here
+                return
         try:
             final = read_job_done(data)
-        except ValueError:  # not a message we can read: the waiters read the row instead
+        except (ValueError, TypeError):  # not a message we can read: the waiters read the row instead
+            log.warning("unreadable job-done message", extra={"job_id": job_id})
             final = None
         self._wake(job_id, final)

@@ -64,7 +64,8 @@ def _record(response: Response) -> Response:
     metrics.record_request(request.method, route, response.status_code, seconds)
     access_log.log(logging.DEBUG if route in QUIET_ROUTES else logging.INFO, "request", extra={
         "method": request.method, "path": request.path, "route": route, "status": response.status_code,
-        "duration_ms": round(seconds * 1000, 3)})
+        "duration_ms": round(seconds * 1000, 3), "remote_addr": request.remote_addr,
+        "bytes": response.content_length})
     return response
 
 

@@ -99,16 +99,20 @@ class InputSchema:
     feature_names: list[str] | None
     feature_kinds: list[str] | None
 
+    @classmethod
+    def of(cls, model: ModelVersion) -> "InputSchema":
+        return cls(model.id, model.owner_id, model.n_features_in, model.feature_names, model.feature_kinds)
+
 
 @lru_cache(maxsize=4096)
 def _input_schema(version_id: uuid.UUID) -> InputSchema:
     row = db.session.get(ModelVersion, version_id)
     if row is None:
         raise not_found("Model")  # not cached: lru_cache keeps only returned values
-    return InputSchema(row.id, row.owner_id, row.n_features_in, row.feature_names, row.feature_kinds)
+    return InputSchema.of(row)
 
 
-def input_schema(owner_id: uuid.UUID, reference: str) -> InputSchema | ModelVersion:
+def input_schema(owner_id: uuid.UUID, reference: str) -> InputSchema:
     """The version a job names, for checking its input. A version id is answered from this process's cache
     (no read per job), so whether it can still serve is checked when the job is inserted."""
     try:
@@ -116,7 +120,7 @@ def input_schema(owner_id: uuid.UUID, reference: str) -> InputSchema | ModelVers
     except ValueError:
         model = resolve_reference(owner_id, reference)
         require_servable(model)
-        return model
+        return InputSchema.of(model)
     schema = _input_schema(version_id)
     if schema.owner_id != owner_id:
         raise not_found("Model")

@@ -60,6 +60,16 @@ def test_wait_answers_exactly_what_a_later_poll_reads(client, user, workers, iri
     assert (len(json.dumps(waited.json["result"])) > JOB_DONE_MAX_BYTES) == (rows > 1)
 
 
+def test_wait_that_runs_out_answers_the_row_as_it_is_then(client, user, workers, iris_model):
+    """A job still running when ?wait ends is 202 with its current state (running, attempt 1), not the state
+    it was submitted in."""
+    version = upload(client, user["headers"], iris_model[0], name="fault-slow-3")
+    answer = submit(client, user["headers"], version["id"], [[5.0, 3.0, 1.5, 0.2]], wait=1.5)
+    assert answer.status_code == 202
+    assert answer.json["status"] == "running" and answer.json["attempts"] == 1 and answer.json["worker"]
+    assert wait_job(client, user["headers"], answer.json["id"])["status"] == "succeeded"
+
+
 def test_submit_without_wait_is_202_and_poll_finds_the_result(client, user, workers, iris_model, iris_version):
     response = submit(client, user["headers"], iris_version["id"], iris_model[1][:1].tolist())
     assert response.status_code == 202

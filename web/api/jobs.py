@@ -120,6 +120,8 @@ def _insert_if_servable(model_id: uuid.UUID, rows: list, key: str | None) -> Pre
     values = {"id": uuid.uuid4(), "owner_id": current_user().id, "model_version_id": model_id,
               "status": JobStatus.queued, "instances": rows, "attempts": 0, "idempotency_key": key,
               "request_id": request_id()}
+    if db.session().in_transaction():  # a read so far (API key, reference): at most one connection per request
+        db.session.commit()
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         inserted = connection.execute(GUARDED_INSERT, values).first()
     if inserted is None:
@@ -145,9 +147,9 @@ def _insert_job(model_id: uuid.UUID, rows: list, key: str | None) -> tuple[Predi
     return job, True
 
 
-def _settle(job: PredictionJob, final: dict | None) -> PredictionJob:
-    """The job with the final fields its worker announced (already committed to its row)."""
-    for key, value in (final or {}).items():
+def _settle(job: PredictionJob, final: dict) -> PredictionJob:
+    """The job with the final fields its worker announced (a copy of its committed row)."""
+    for key, value in final.items():
         set_committed_value(job, key, JobStatus(value) if key == "status" else value)
     return job
 
@@ -159,15 +161,20 @@ def _wait_seconds(asked: float) -> float:
 def _await_end(job: PredictionJob, watch: Watch, seconds: float, check_first: bool) -> PredictionJob:
     def finished() -> bool:
         db.session.refresh(job)
+        db.session.commit()  # end the read: a waiting request holds no database connection
         return job.status in FINAL_STATUSES
 
     if check_first and finished():  # it may have ended before the watch began
         return job
-    return _settle(job, watch.wait(seconds, finished))
+    final = watch.wait(seconds, finished)
+    if final is None:  # time is up (or the wake-up carried no copy): answer the row as it is now
+        finished()
+        return job
+    return _settle(job, final)
 
 
 def _wait_for(job: PredictionJob, seconds: float) -> PredictionJob:
-    """The job once it ends (announced on pub/sub), or as it is after `seconds`."""
+    """The job once it ends (announced on pub/sub), or as its row is after `seconds`."""
     seconds = _wait_seconds(seconds)
     if seconds <= 0 or job.status in FINAL_STATUSES:
         return job

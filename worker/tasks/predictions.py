@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import redis
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, text
@@ -72,7 +73,7 @@ FINISH = text("""
     FROM jsonb_to_recordset(CAST(:outcomes AS jsonb)) AS v(id uuid, attempts int, status text, result jsonb,
          error jsonb, cache_hit boolean, load_ms float8, inference_ms float8)
     WHERE j.id = v.id AND j.status = 'running' AND j.attempts = v.attempts
-    RETURNING j.id, j.attempts, j.worker, j.started_at, j.finished_at, j.queue_ms, j.total_ms""")
+    RETURNING j.*""")
 
 
 def _claim(statement, **params) -> list[ClaimedJob]:
@@ -91,8 +92,12 @@ def _holder(job_id: uuid.UUID) -> tuple[JobStatus, str | None] | None:
     return (rows[0].status, rows[0].worker) if rows else None
 
 
-def _is_dead_local_worker(worker: str | None) -> bool:
-    """True when the job's holder is a process on this host that no longer exists."""
+def _orphaned(worker: str | None) -> bool:
+    """True when the job's holder can no longer finish it: a process on this host that no longer exists,
+    or this process itself (a pool child runs one task at a time, so a job it holds while it is claiming
+    is one whose claim committed but whose reply was lost)."""
+    if worker == runtime.identity():
+        return True
     host, _, pid = (worker or "").rpartition(":")
     if host != runtime.identity().rpartition(":")[0] or not pid.isdigit():
         return False
@@ -118,7 +123,7 @@ def build_features(info: ModelInfo, rows: list, model: Any) -> Any:
     """The input matrix: a DataFrame when the model may need its columns' names, else a float array."""
     kinds = info.feature_kinds or ("numeric",) * len(info.feature_names or ())
     numeric = all(kind == "numeric" for kind in kinds)
-    if not info.feature_names or numeric and type(model).__module__.startswith(POSITIONAL_ESTIMATORS):
+    if not info.feature_names or (numeric and type(model).__module__.startswith(POSITIONAL_ESTIMATORS)):
         return np.asarray(rows, dtype=np.float64)
     if numeric:  # one float block, no per-column conversion
         return pd.DataFrame(np.asarray(rows, dtype=np.float64), columns=list(info.feature_names))
@@ -166,26 +171,20 @@ def _model_error(exc: Exception) -> dict:
     return _failure("prediction_error", f"{type(exc).__name__}: {message}")
 
 
-ANNOUNCED_VALUES = ("result", "error", "cache_hit", "load_ms", "inference_ms")
-ANNOUNCED_COLUMNS = ("attempts", "worker", "started_at", "finished_at", "queue_ms", "total_ms")
-
-
-def announced(row, values: dict) -> dict:
-    """A finished job's fields as its row now holds them, for the job-done message."""
-    return {"status": values["status"].value, **{key: values.get(key) for key in ANNOUNCED_VALUES},
-            **{key: getattr(row, key) for key in ANNOUNCED_COLUMNS}}
-
-
 def finish(outcomes: list[tuple[ClaimedJob, dict]]) -> int:
-    """Record outcomes in one statement, each only if its attempt still holds the job; announce each one written."""
+    """Record outcomes in one statement, each only if its attempt still holds the job; announce each one written
+    (the announcement is the row as PostgreSQL stored it)."""
     payload = json.dumps([{"id": str(job.id), "attempts": job.attempts, "status": values["status"].value,
                            **{k: v for k, v in values.items() if k != "status"}} for job, values in outcomes])
-    written = {row.id: row for row in runtime.execute(FINISH, {"outcomes": payload})}
+    written = {row.id: row._asdict() for row in runtime.execute(FINISH, {"outcomes": payload})}
     recorded = [(job, values) for job, values in outcomes if job.id in written]
-    with runtime.redis_client().pipeline(transaction=False) as pipe:
-        for job, values in recorded:
-            pipe.publish(job_done_channel(str(job.id)), job_done_message(announced(written[job.id], values)))
-        pipe.execute()
+    try:
+        with runtime.redis_client().pipeline(transaction=False) as pipe:
+            for job, _ in recorded:
+                pipe.publish(job_done_channel(str(job.id)), job_done_message(written[job.id]))
+            pipe.execute()
+    except redis.RedisError as exc:  # only wake-ups: waiters re-read their jobs once the web resubscribes
+        log.warning("could not announce finished jobs", extra={"jobs": len(recorded), "error": str(exc)})
     for job, values in recorded:  # after the wake-ups: waiting clients need not wait for logs and metrics
         job_finished(job, values)
     return len(written)
@@ -212,7 +211,7 @@ def score(jobs: list[ClaimedJob], info: ModelInfo, model: Any) -> list[dict]:
     return outcomes
 
 
-def execute(jobs: list[ClaimedJob]) -> None:
+def serve(jobs: list[ClaimedJob]) -> None:
     """Score claimed jobs of one model and record success or a user-facing failure for each."""
     cap = runtime.settings().job_max_attempts
     exhausted = [job for job in jobs if job.attempts > cap]
@@ -239,13 +238,13 @@ def run_prediction(job_id: str) -> None:
         holder = _holder(job_uuid)
         if holder is None or holder[0] != JobStatus.running:
             return  # finished, cancelled or deleted: nothing to do
-        if not _is_dead_local_worker(holder[1]):
+        if not _orphaned(holder[1]):
             # held by a live (or remote) worker, e.g. scored with a peer's batch: that worker records
             # it; if it dies, its own message is redelivered or the reconciler requeues the job
             return
         jobs = _claim(TAKE_OVER, dead_worker=holder[1])
     try:
-        execute(jobs)
+        serve(jobs)
     except SoftTimeLimitExceeded:
         limit = runtime.settings().job_soft_time_limit
         finish([(job, _failure("time_limit", f"Prediction exceeded {limit}s")) for job in jobs])
