@@ -38,3 +38,27 @@ def test_a_dropped_broker_connection_is_torn_down_without_killing_the_worker(tmp
         held[0].ack_log_error(logging.getLogger("test"), RedisTransport.connection_errors)
     finally:
         broker.stop()
+
+
+def test_pool_children_start_with_the_scoring_libraries_already_imported(workers):
+    """The main process imports skops and sklearn before forking, so a child that replaces a killed one can
+    score at once instead of spending seconds on imports: its memory maps sklearn's tree extension before it
+    has run any task."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    main = psutil.Process(workers[0].proc.pid)
+    victim = main.children()[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        fresh = [c for c in main.children() if c.pid != victim.pid and c.create_time() > victim.create_time()]
+        if fresh:
+            break
+        time.sleep(0.05)
+    assert fresh, "the pool did not replace its killed child"
+    mapped = {m.path for m in fresh[0].memory_maps()}
+    assert any("sklearn/tree/_tree" in path for path in mapped)

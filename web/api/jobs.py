@@ -68,6 +68,9 @@ class TimingsSchema(ma.Schema):
     total_ms = ma.fields.Float(allow_none=True)
 
 
+TIMINGS = TimingsSchema()
+
+
 class JobSchema(ma.Schema):
     id = ma.fields.UUID()
     model_id = ma.fields.UUID(attribute="model_version_id")
@@ -75,7 +78,7 @@ class JobSchema(ma.Schema):
     url = ma.fields.Function(lambda j: url_for("jobs.JobDetail", job_id=j.id))
     result = ma.fields.Dict(allow_none=True)
     error = ma.fields.Dict(allow_none=True)
-    timings = ma.fields.Function(lambda j: TimingsSchema().dump(j))
+    timings = ma.fields.Function(lambda j: TIMINGS.dump(j))
     cache_hit = ma.fields.Boolean(allow_none=True)
     worker = ma.fields.String(allow_none=True)
     attempts = ma.fields.Integer()

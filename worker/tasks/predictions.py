@@ -26,7 +26,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, text
 
 from common.models import JobStatus, PredictionJob
-from common.queues import RUN_PREDICTION, job_done_channel, job_done_message
+from common.queues import JOB_DONE_FIELDS, RUN_PREDICTION, job_done_channel, job_done_message
 from worker import runtime
 from worker.observability import job_finished, model_loaded
 from worker.serving import ModelInfo, load_model, model_info
@@ -73,7 +73,7 @@ FINISH = text("""
     FROM jsonb_to_recordset(CAST(:outcomes AS jsonb)) AS v(id uuid, attempts int, status text, result jsonb,
          error jsonb, cache_hit boolean, load_ms float8, inference_ms float8)
     WHERE j.id = v.id AND j.status = 'running' AND j.attempts = v.attempts
-    RETURNING j.*""")
+    RETURNING j.id, """ + ", ".join(f"j.{field}" for field in JOB_DONE_FIELDS))
 
 
 def _claim(statement, **params) -> list[ClaimedJob]:
@@ -173,7 +173,7 @@ def _model_error(exc: Exception) -> dict:
 
 def finish(outcomes: list[tuple[ClaimedJob, dict]]) -> int:
     """Record outcomes in one statement, each only if its attempt still holds the job; announce each one written
-    (the announcement is the row as PostgreSQL stored it)."""
+    (the announcement is the row as PostgreSQL stored it, returned by the same statement)."""
     payload = json.dumps([{"id": str(job.id), "attempts": job.attempts, "status": values["status"].value,
                            **{k: v for k, v in values.items() if k != "status"}} for job, values in outcomes])
     written = {row.id: row._asdict() for row in runtime.execute(FINISH, {"outcomes": payload})}
