@@ -1,7 +1,8 @@
 """`make bench` / `make bench-quick`: InferQ against same-run baselines, as issue 7 lists them.
 
 One run brings up the stack (bench/stack.py: gunicorn + two celery workers, own database `inferq_bench`
-and Redis db 10), measures the baselines and the five measurements, prints a table and writes
+and Redis db 10) beside the no-op workers of the bare Celery floor, measures the baselines and the five
+measurements (the floor and the job figures in alternating rounds), prints a table and writes
 bench/results.json with every figure and, under `targets`, each target's measured `ratio` and `pass`.
 """
 from __future__ import annotations
@@ -40,14 +41,15 @@ class Profile:
     name: str
     rtt_samples: int          # sequential no-op round trips
     latency_samples: int      # sequential single-row jobs with ?wait
-    throughput_seconds: float  # fixed duration of the 8-client runs (no-op and jobs)
+    round_seconds: float      # one round of the 8-client runs (no-op, then jobs)
+    rounds: int               # rounds, alternating the floor and InferQ
     batch_rows: int
     memory_trees: int         # ExtraTrees estimators per cached model (about 2 MB each)
     upload_bytes: int         # the large upload watched for web memory
 
 
-FULL = Profile("full", 500, 400, 30.0, 1_000_000, 20, 1 << 30)
-QUICK = Profile("quick", 150, 120, 6.0, 100_000, 5, 256 << 20)
+FULL = Profile("full", 500, 400, 10.0, 3, 1_000_000, 20, 1 << 30)
+QUICK = Profile("quick", 150, 120, 4.0, 2, 100_000, 5, 256 << 20)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -134,42 +136,49 @@ def _noop_client(go, seconds: float, queue) -> None:
     queue.put(latencies)
 
 
-def celery_floor(stack: Stack, profile: Profile, concurrency: int) -> dict:
-    """No-op task: sequential delay().get() round trips, then 8 clients for the fixed duration."""
-    from bench.noop_app import NOOP_QUEUE
+def start_noop_workers(stack: Stack, concurrency: int) -> list[Worker]:
+    """Two workers of the same concurrency for the no-op task, on its own queue; idle while InferQ is measured."""
+    from bench.noop_app import NOOP_QUEUE, noop
 
-    env = {**stack.env}
-    workers = [Worker(env, f"noop{i}-{os.getpid()}", concurrency, stack.log_dir, app="bench.noop_app",
+    workers = [Worker(stack.env, f"noop{i}-{os.getpid()}", concurrency, stack.log_dir, app="bench.noop_app",
                       queues=NOOP_QUEUE).start() for i in range(2)]
-    try:
-        for w in workers:
-            w.wait_ready()
-        from bench.noop_app import noop
+    for w in workers:
+        w.wait_ready()
+    for _ in range(50):
+        noop.delay().get(timeout=30)
+    return workers
 
-        for _ in range(50):
-            noop.delay().get(timeout=30)
-        rtts = []
-        for _ in range(profile.rtt_samples):
-            started = time.perf_counter()
-            noop.delay().get(timeout=30)
-            rtts.append(time.perf_counter() - started)
-        latencies = run_clients(_noop_client, [()] * CLIENTS, profile.throughput_seconds)
-        # open loop: how fast the two workers drain a backlog
-        count = 2000 if profile.name == "full" else 300
+
+def noop_round_trips(samples: int) -> list[float]:
+    from bench.noop_app import noop
+
+    rtts = []
+    for _ in range(samples):
         started = time.perf_counter()
-        results = [noop.delay() for _ in range(count)]
-        for r in results:
-            r.get(timeout=60)
-        drain = count / (time.perf_counter() - started)
-    finally:
-        for w in workers:
-            w.stop()
-    done = sum(len(x) for x in latencies)
+        noop.delay().get(timeout=30)
+        rtts.append(time.perf_counter() - started)
+    return rtts
+
+
+def noop_drain(count: int) -> float:
+    """Open loop: how fast the two workers drain a backlog of `count` no-op tasks (tasks/s)."""
+    from bench.noop_app import noop
+
+    started = time.perf_counter()
+    results = [noop.delay() for _ in range(count)]
+    for r in results:
+        r.get(timeout=60)
+    return count / (time.perf_counter() - started)
+
+
+def floor_figures(rtts: list[float], client_latencies: list[list[float]], seconds: float, drain: float,
+                  drain_tasks: int) -> dict:
+    done = sum(len(x) for x in client_latencies)
     return {"rtt_p50_ms": percentile(rtts, 50) * 1e3, "rtt_p99_ms": percentile(rtts, 99) * 1e3,
-            "rtt_samples": len(rtts), "throughput_per_s": done / profile.throughput_seconds,
-            "throughput_clients": CLIENTS, "throughput_seconds": profile.throughput_seconds,
-            "throughput_latency_p50_ms": percentile([v for x in latencies for v in x], 50) * 1e3,
-            "drain_per_s": drain, "drain_tasks": count}
+            "rtt_samples": len(rtts), "throughput_per_s": done / seconds,
+            "throughput_clients": CLIENTS, "throughput_seconds": seconds,
+            "throughput_latency_p50_ms": percentile([v for x in client_latencies for v in x], 50) * 1e3,
+            "drain_per_s": drain, "drain_tasks": drain_tasks}
 
 
 def run_clients(target, per_client: list[tuple], seconds: float) -> list:
@@ -264,35 +273,69 @@ def check_results(model, rows: np.ndarray, done: list) -> int:
     return wrong
 
 
-def job_latency(client: Client, model_id: str, rows: np.ndarray, samples: int) -> dict:
+def job_latencies(client: Client, model_id: str, rows: np.ndarray, samples: int, offset: int = 0) -> list[tuple]:
+    """(client latency s, server total ms, server queue ms) of sequential single-row ?wait jobs."""
     url = f"{client.base}/api/v1/predict/{model_id}?wait=10"
-    latencies, server_total, queue_ms = [], [], []
-    for i in range(samples):
+    out = []
+    for i in range(offset, offset + samples):
         started = time.perf_counter()
         r = client.http.post(url, json={"instances": [rows[i % len(rows)].tolist()]}, timeout=30)
         elapsed = time.perf_counter() - started
         job = r.json()
         assert r.status_code == 200 and job["status"] == "succeeded", job
-        latencies.append(elapsed)
-        server_total.append(job["timings"]["total_ms"])
-        queue_ms.append(job["timings"]["queue_ms"])
+        out.append((elapsed, job["timings"]["total_ms"], job["timings"]["queue_ms"]))
+    return out
+
+
+def latency_figures(samples: list[tuple]) -> dict:
+    latencies, server_total, queue_ms = (list(column) for column in zip(*samples))
     return {"p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3,
-            "mean_ms": statistics.fmean(latencies) * 1e3, "samples": samples,
+            "mean_ms": statistics.fmean(latencies) * 1e3, "samples": len(samples),
             "server_total_p50_ms": percentile(server_total, 50), "server_queue_p50_ms": percentile(queue_ms, 50)}
 
 
-def job_throughput(client: Client, model, model_id: str, seconds: float) -> dict:
+def job_client_reports(client: Client, model_id: str, seconds: float) -> tuple[list[dict], list[list]]:
+    """8 client processes submitting single-row ?wait jobs for `seconds`: their reports, and their rows."""
     rng = np.random.default_rng(11)
     rows = np.round(rng.standard_normal((4000, 30)), 3)
     per_client = [rows[i * 500:(i + 1) * 500].tolist() for i in range(CLIENTS)]
-    reports = run_clients(_job_client, [(client.base, client.token, model_id, n, rows_n) for n, rows_n in enumerate(per_client)],
-                          seconds)
-    done = sum(len(r["done"]) for r in reports)
-    wrong = sum(check_results(model, np.asarray(per_client[r["client"]]), r["done"]) for r in reports)
-    latencies = [v for r in reports for v in r["latencies"]]
-    return {"jobs_per_s": done / seconds, "completed": done, "seconds": seconds, "clients": CLIENTS,
-            "wrong_results": wrong, "errors": sum(r["errors"] for r in reports),
+    reports = run_clients(_job_client, [(client.base, client.token, model_id, n, rows_n)
+                                        for n, rows_n in enumerate(per_client)], seconds)
+    return reports, per_client
+
+
+def throughput_figures(model, rounds: list[tuple[list[dict], list[list]]], seconds: float) -> dict:
+    """Completed jobs/s over every round of `seconds`, each result checked against the model's own answer."""
+    reports = [(r, per_client) for reports, per_client in rounds for r in reports]
+    done = sum(len(r["done"]) for r, _ in reports)
+    wrong = sum(check_results(model, np.asarray(per_client[r["client"]]), r["done"]) for r, per_client in reports)
+    latencies = [v for r, _ in reports for v in r["latencies"]]
+    total = seconds * len(rounds)
+    return {"jobs_per_s": done / total, "completed": done, "seconds": total, "rounds": len(rounds),
+            "clients": CLIENTS, "wrong_results": wrong, "errors": sum(r["errors"] for r, _ in reports),
             "latency_p50_ms": percentile(latencies, 50) * 1e3, "latency_p99_ms": percentile(latencies, 99) * 1e3}
+
+
+def job_throughput(client: Client, model, model_id: str, seconds: float) -> dict:
+    return throughput_figures(model, [job_client_reports(client, model_id, seconds)], seconds)
+
+
+def interleaved(stack: Stack, client: Client, model, model_id: str, rows: np.ndarray, profile: Profile) -> dict:
+    """The no-op floor and InferQ's jobs in alternating rounds, so that both see the same machine: on a shared
+    machine whose speed drifts over minutes, measuring one and then the other skews their ratio."""
+    rtts, job_samples, noop_clients, job_rounds = [], [], [], []
+    per_round = profile.latency_samples // profile.rounds
+    for n in range(profile.rounds):
+        rtts += noop_round_trips(profile.rtt_samples // profile.rounds)
+        job_samples += job_latencies(client, model_id, rows, per_round, offset=n * per_round)
+    for _ in range(profile.rounds):
+        noop_clients += run_clients(_noop_client, [()] * CLIENTS, profile.round_seconds)
+        job_rounds.append(job_client_reports(client, model_id, profile.round_seconds))
+    drain_tasks = 2000 if profile.name == "full" else 300
+    floor = floor_figures(rtts, noop_clients, profile.round_seconds * profile.rounds, noop_drain(drain_tasks),
+                          drain_tasks)
+    return {"celery_floor": floor, "job_latency": latency_figures(job_samples),
+            "jobs_throughput": throughput_figures(model, job_rounds, profile.round_seconds)}
 
 
 def warm_up(stack: Stack, client: Client, model_id: str, rows: np.ndarray, timeout: float = 120.0) -> int:
@@ -609,20 +652,20 @@ def main(argv: list[str] | None = None) -> int:
                                  "loadavg_before": [round(v, 2) for v in load_before]}}
     rng = np.random.default_rng(5)
     rows = np.round(rng.standard_normal((1000, 30)), 3)
+    noop_workers: list[Worker] = []
     try:
-        log("bare Celery floor (no-op task, two workers)")
-        results["celery_floor"] = celery_floor(stack, profile, args.concurrency)
         log("raw predict_proba in-process")
         results["raw_predict"] = raw_predict(lr, rows)
-        log("starting the stack")
+        log("starting the stack and the bare Celery floor's no-op workers")
         stack.start()
+        noop_workers = start_noop_workers(stack, args.concurrency)
         client = Client(stack.url).register()
         version = client.upload_model(open(model_path, "rb").read(), "model.joblib", "bench-lr")
         log(f"warm-up: {warm_up(stack, client, version['id'], rows)} pool children warm")
-        log("(1) single-client ?wait latency")
-        results["job_latency"] = job_latency(client, version["id"], rows, profile.latency_samples)
-        log("(2) 8 clients, fixed duration")
-        results["jobs_throughput"] = job_throughput(client, lr, version["id"], profile.throughput_seconds)
+        log(f"floor and (1) ?wait latency, (2) 8 clients: {profile.rounds} alternating rounds each")
+        results.update(interleaved(stack, client, lr, version["id"], rows, profile))
+        while noop_workers:
+            noop_workers.pop().stop()
         log("(5) worker memory with five models cached")
         results["worker_memory"] = worker_cache_memory(stack, client, models, budget)
         log("(3) cold versus warm")
@@ -634,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         results["web_upload_memory"] = web_upload_memory(stack, client, version["id"], upload_path,
                                                          small_csv(workdir))
     finally:
+        while noop_workers:
+            noop_workers.pop().stop()
         stack.stop()
     results["targets"] = targets(results)
     results["run_seconds"] = round(time.perf_counter() - run_started, 1)
