@@ -138,15 +138,19 @@ def _noop_client(go, seconds: float, queue) -> None:
 
 def start_noop_workers(stack: Stack, concurrency: int) -> list[Worker]:
     """Two workers of the same concurrency for the no-op task, on its own queue; idle while InferQ is measured."""
-    from bench.noop_app import NOOP_QUEUE, noop
+    from bench.noop_app import NOOP_QUEUE
 
-    workers = [Worker(stack.env, f"noop{i}-{os.getpid()}", concurrency, stack.log_dir, app="bench.noop_app",
-                      queues=NOOP_QUEUE).start() for i in range(2)]
+    return [Worker(stack.env, f"noop{i}-{os.getpid()}", concurrency, stack.log_dir, app="bench.noop_app",
+                   queues=NOOP_QUEUE).start() for i in range(2)]
+
+
+def warm_noop_workers(workers: list[Worker]) -> None:
+    from bench.noop_app import noop
+
     for w in workers:
         w.wait_ready()
     for _ in range(50):
         noop.delay().get(timeout=30)
-    return workers
 
 
 def noop_round_trips(samples: int) -> list[float]:
@@ -184,9 +188,11 @@ def floor_figures(rtts: list[float], client_latencies: list[list[float]], second
 def run_clients(target, per_client: list[tuple], seconds: float) -> list:
     """One process per client running `target(*args, go, seconds, queue)`, all started together; their reports.
 
-    Processes, not threads, so the clients' own Python does not share one GIL; spawned, so none inherits
-    this process's connections."""
-    ctx = mp.get_context("spawn")
+    Processes, not threads, so the clients' own Python does not share one GIL; forked from a fresh server
+    process that has only imported the client code, so none inherits this process's connections and none
+    spends seconds importing it again."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["bench.run", "bench.noop_app"])
     queue, go = ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=target, args=(*args, go, seconds, queue)) for args in per_client]
     for p in procs:
@@ -657,8 +663,9 @@ def main(argv: list[str] | None = None) -> int:
         log("raw predict_proba in-process")
         results["raw_predict"] = raw_predict(lr, rows)
         log("starting the stack and the bare Celery floor's no-op workers")
+        noop_workers = start_noop_workers(stack, args.concurrency)  # they start while the stack does
         stack.start()
-        noop_workers = start_noop_workers(stack, args.concurrency)
+        warm_noop_workers(noop_workers)
         client = Client(stack.url).register()
         version = client.upload_model(open(model_path, "rb").read(), "model.joblib", "bench-lr")
         log(f"warm-up: {warm_up(stack, client, version['id'], rows)} pool children warm")
