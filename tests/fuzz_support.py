@@ -30,6 +30,7 @@ from pathlib import Path
 import requests
 
 from tests.conftest import PASSWORD, ROOT, free_port, stop_process_group
+from tests.live import wait_until_serving
 
 API = "/api/v1"
 
@@ -69,15 +70,8 @@ class WebServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"gunicorn exited: {self.log_path.read_text()[-3000:]}"
-            try:
-                if requests.get(self.url + "/health", timeout=5).ok:
-                    return self
-            except requests.RequestException:
-                time.sleep(0.2)
-        raise AssertionError("gunicorn did not answer /health within 60s")
+        wait_until_serving(self.proc, self.url, self.log_path)
+        return self
 
     def stop(self) -> None:
         stop_process_group(self.proc)

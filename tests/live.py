@@ -15,6 +15,19 @@ import requests
 from tests.conftest import ROOT, free_port, stop_process_group
 
 
+def wait_until_serving(proc: subprocess.Popen, url: str, log_path: Path, seconds: float = 60) -> None:
+    """Until the gunicorn in `proc` answers /health; fails with the end of its log if it exits first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"gunicorn exited: {log_path.read_text()[-3000:]}"
+        try:
+            if requests.get(url + "/health", timeout=10).ok:
+                return
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise AssertionError(f"gunicorn did not answer /health within {seconds:.0f}s")
+
+
 class LiveServer:
     """`gunicorn "web.app:create_app()"` reading ./gunicorn.conf.py, its JSON logs in `log_path`."""
 
@@ -35,15 +48,8 @@ class LiveServer:
             [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.processes),
              "--worker-class", "gthread", "--threads", "4", "web.app:create_app()"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"gunicorn exited: {self.log_path.read_text()[-2000:]}"
-            try:
-                if requests.get(self.url + "/health", timeout=10).ok:
-                    return self
-            except (requests.ConnectionError, requests.Timeout):
-                time.sleep(0.2)
-        raise AssertionError("gunicorn did not answer /health within 60s")
+        wait_until_serving(self.proc, self.url, self.log_path)
+        return self
 
     def log_records(self) -> list[dict]:
         """Every line gunicorn and the app wrote, parsed: each must be one JSON object."""

@@ -170,10 +170,11 @@ def _await_end(job: PredictionJob, watch: Watch, seconds: float, check_first: bo
     if check_first and finished():  # it may have ended before the watch began
         return job
     final = watch.wait(seconds, finished)
-    if final is None:  # time is up (or the wake-up carried no copy): answer the row as it is now
+    if final is not None:
+        return _settle(job, final)
+    if job.status not in FINAL_STATUSES:  # time is up: answer the row as it is now
         finished()
-        return job
-    return _settle(job, final)
+    return job
 
 
 def _wait_for(job: PredictionJob, seconds: float) -> PredictionJob:
