@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 import requests
 
-from bench.stack import ROOT, Client, Stack, Worker, own_services, reset_dir
+from bench.stack import ROOT, Client, JsonConnection, Stack, Worker, own_services, reset_dir
 
 # test slots 0-3 use Redis dbs 15-12 (tests/conftest.py): the bench stays clear of them
 BENCH_DB, BENCH_REDIS_DB = "inferq_bench", 10
@@ -241,22 +241,20 @@ def pyarrow_baseline(model_path: Path, csv_path: Path, workdir: Path) -> dict:
 
 def _job_client(base: str, token: str, model_id: str, client_no: int, rows: list, go, seconds: float,
                 queue) -> None:
-    http = requests.Session()
-    http.headers["Authorization"] = f"Bearer {token}"
-    url = f"{base}/api/v1/predict/{model_id}?wait=10"
-    http.get(f"{base}/health")
+    http = JsonConnection(base, token, timeout=30)
+    path = f"/api/v1/predict/{model_id}?wait=10"
     queue.put("ready")
     go.wait()
     deadline, done, latencies, errors, i = time.perf_counter() + seconds, [], [], 0, 0
     while (started := time.perf_counter()) < deadline:
         index = i % len(rows)
         i += 1
-        r = http.post(url, json={"instances": [rows[index]]}, timeout=30)
+        status, job = http.post(path, {"instances": [rows[index]]})
         finished = time.perf_counter()
-        if r.status_code == 200 and r.json()["status"] == "succeeded":
+        if status == 200 and job["status"] == "succeeded":
             if finished <= deadline:
                 latencies.append(finished - started)
-                done.append((index, r.json()["result"]))
+                done.append((index, job["result"]))
         else:
             errors += 1
     queue.put({"client": client_no, "done": done, "latencies": latencies, "errors": errors})
@@ -281,14 +279,15 @@ def check_results(model, rows: np.ndarray, done: list) -> int:
 
 def job_latencies(client: Client, model_id: str, rows: np.ndarray, samples: int, offset: int = 0) -> list[tuple]:
     """(client latency s, server total ms, server queue ms) of sequential single-row ?wait jobs."""
-    url = f"{client.base}/api/v1/predict/{model_id}?wait=10"
+    http = JsonConnection(client.base, client.token, timeout=30)
+    path = f"/api/v1/predict/{model_id}?wait=10"
+    bodies = [{"instances": [rows[i % len(rows)].tolist()]} for i in range(offset, offset + samples)]
     out = []
-    for i in range(offset, offset + samples):
+    for body in bodies:
         started = time.perf_counter()
-        r = client.http.post(url, json={"instances": [rows[i % len(rows)].tolist()]}, timeout=30)
+        status, job = http.post(path, body)
         elapsed = time.perf_counter() - started
-        job = r.json()
-        assert r.status_code == 200 and job["status"] == "succeeded", job
+        assert status == 200 and job["status"] == "succeeded", job
         out.append((elapsed, job["timings"]["total_ms"], job["timings"]["queue_ms"]))
     return out
 

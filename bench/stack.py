@@ -8,6 +8,8 @@ on a free port, which the soak can restart without disturbing anyone else using 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import random
 import shutil
@@ -25,6 +27,7 @@ import redis
 import requests
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from urllib.parse import urlsplit
 
 from common.config import sqlalchemy_url
 
@@ -393,6 +396,24 @@ def reset_dir(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
+
+
+class JsonConnection:
+    """One keep-alive HTTP/1.1 connection posting JSON, for the measured job paths.
+
+    The instrument should cost little next to what it measures: on this machine requests spends about
+    2.5 ms of client CPU per call against 0.8 ms for http.client, and in the latency figure that is spent
+    on the path being timed."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = 60.0):
+        where = urlsplit(base_url)
+        self.connection = http.client.HTTPConnection(where.hostname, where.port, timeout=timeout)
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        self.connection.request("POST", path, json.dumps(body), self.headers)
+        response = self.connection.getresponse()
+        return response.status, json.loads(response.read())
 
 
 class Client:

@@ -7,6 +7,7 @@ from datetime import datetime
 from celery import Celery
 from kombu import Exchange, Queue
 
+from common.broker import use_inferq_redis_transport
 from common.config import Settings
 
 PREDICTIONS_QUEUE = "predictions"
@@ -67,6 +68,7 @@ def celery_config(settings: Settings) -> dict:
 
 
 def create_celery(settings: Settings, name: str = "inferq") -> Celery:
+    use_inferq_redis_transport()
     app = Celery(name)
     app.conf.update(celery_config(settings))
     return app

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -12,7 +15,9 @@ from typing import Any
 
 import redis
 from flask import Flask, current_app, g, request
-from flask_jwt_extended import get_jwt_identity, verify_jwt_in_request
+from flask_jwt_extended import get_jwt, get_jwt_header, verify_jwt_in_request
+from flask_jwt_extended.exceptions import RevokedTokenError
+from jwt import ExpiredSignatureError
 from sqlalchemy import select, update
 
 from common.extensions import db, jwt
@@ -63,13 +68,66 @@ def _caller_from_api_key(key: str) -> Caller:
     return Caller(row.user_id)
 
 
+class VerifiedTokens:
+    """Access tokens this web process has verified, by their Authorization header, least recently used out.
+
+    A client sends the same token on every request until it expires; decoding it and checking its signature
+    again is most of what authenticating costs (PyJWT checks every base64 character in Python). A header seen
+    before, byte for byte, carries the claims already verified; its expiry and revocation are still checked
+    on every request."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._verified: OrderedDict[str, tuple[dict, dict]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, authorization: str) -> tuple[dict, dict] | None:
+        with self._lock:
+            verified = self._verified.get(authorization)
+            if verified is not None:
+                self._verified.move_to_end(authorization)
+            return verified
+
+    def add(self, authorization: str, header: dict, claims: dict) -> None:
+        with self._lock:
+            self._verified[authorization] = (header, claims)
+            if len(self._verified) > self.size:
+                self._verified.popitem(last=False)
+
+
+VERIFIED_TOKENS = VerifiedTokens()
+
+
+def _still_valid(header: dict, claims: dict) -> None:
+    """What can change after a token was verified: the clock and the blocklist (answered as for a fresh token)."""
+    expires = claims.get("exp")
+    if expires is not None and expires + current_app.config["JWT_DECODE_LEEWAY"] <= time.time():
+        expired = ExpiredSignatureError("Signature has expired")
+        expired.jwt_header, expired.jwt_data = header, claims
+        raise expired
+    if is_revoked(claims):
+        raise RevokedTokenError(header, claims)
+
+
+def _caller_from_token() -> Caller:
+    authorization = request.headers.get("Authorization", "")
+    verified = VERIFIED_TOKENS.get(authorization) if authorization else None
+    if verified is None:
+        verify_jwt_in_request()  # signature, expiry, type and revocation; its failures answer 401 (or 503)
+        header, claims = get_jwt_header(), get_jwt()
+        VERIFIED_TOKENS.add(authorization, header, claims)
+    else:
+        header, claims = verified
+        _still_valid(header, claims)
+    return Caller(uuid.UUID(claims["sub"]))
+
+
 def authenticate() -> Caller:
     """The caller, from X-API-Key if present, else from the bearer access token (signed, so trusted)."""
     key = request.headers.get(API_KEY_HEADER)
     if key:
         return _caller_from_api_key(key)
-    verify_jwt_in_request()
-    return Caller(uuid.UUID(get_jwt_identity()))
+    return _caller_from_token()
 
 
 def auth_required(fn: Callable) -> Callable:
@@ -91,20 +149,23 @@ def revoke_token(jti: str, expires_in: timedelta) -> None:
     redis_client().set(BLOCKLIST_PREFIX + jti, "1", ex=seconds)
 
 
+def is_revoked(payload: dict) -> bool:
+    """Whether the token, or the refresh family it belongs to, is on the Redis blocklist."""
+    try:
+        keys = [BLOCKLIST_PREFIX + payload["jti"]]
+        if payload.get("fam"):
+            keys.append(FAMILY_PREFIX + payload["fam"])
+        return redis_client().exists(*keys) > 0
+    except redis.RedisError:
+        # fail closed, and say why: the token may be fine, so a 401 would send clients to log in again
+        raise ApiError(503, "auth_unavailable", "Token revocation cannot be checked right now; retry shortly",
+                       headers={"Retry-After": "1"}) from None
+
+
 def register_jwt_callbacks(app: Flask) -> None:
     """JWT failures answer in the JSON error shape; a token Redis cannot vouch for is refused (503, retry)."""
 
-    @jwt.token_in_blocklist_loader
-    def is_revoked(_header: dict, payload: dict) -> bool:
-        try:
-            keys = [BLOCKLIST_PREFIX + payload["jti"]]
-            if payload.get("fam"):
-                keys.append(FAMILY_PREFIX + payload["fam"])
-            return redis_client().exists(*keys) > 0
-        except redis.RedisError:
-            # fail closed, and say why: the token may be fine, so a 401 would send clients to log in again
-            raise ApiError(503, "auth_unavailable", "Token revocation cannot be checked right now; retry shortly",
-                           headers={"Retry-After": "1"}) from None
+    jwt.token_in_blocklist_loader(lambda _header, payload: is_revoked(payload))
 
     @jwt.unauthorized_loader
     def missing(reason: str):

@@ -140,17 +140,35 @@ def test_logout_revokes_access_and_refresh_tokens(client, user):
     assert client.post("/api/v1/auth/refresh", headers=bearer(tokens["refresh_token"])).status_code == 401
 
 
+def test_a_token_verified_before_is_still_refused_once_expired_or_revoked(client, app, user):
+    """The web keeps the claims of tokens it has verified; expiry and revocation are checked every time."""
+    me = client.get("/api/v1/auth/me", headers=user["headers"]).json
+    with app.app_context():
+        short = create_access_token(identity=me["id"], expires_delta=timedelta(seconds=2))
+    assert client.get("/api/v1/auth/me", headers=bearer(short)).status_code == 200
+    time.sleep(2.5)
+    expired = client.get("/api/v1/auth/me", headers=bearer(short))
+    assert expired.status_code == 401 and error_code(expired) == "token_expired"
+
+    assert client.post("/api/v1/auth/logout", headers=user["headers"], json={}).status_code == 204
+    revoked = client.get("/api/v1/auth/me", headers=user["headers"])
+    assert revoked.status_code == 401 and error_code(revoked) == "token_revoked"
+
+
 def test_tokens_are_refused_when_redis_cannot_be_asked(client, app, user):
     import redis
 
+    fresh = register(client)["headers"]  # never seen by the web: verified in full
+    assert client.get("/api/v1/auth/me", headers=user["headers"]).status_code == 200  # seen before
     real = app.extensions["redis"]
     app.extensions["redis"] = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     try:
-        response = client.get("/api/v1/auth/me", headers=user["headers"])
+        responses = [client.get("/api/v1/auth/me", headers=headers) for headers in (fresh, user["headers"])]
     finally:
         app.extensions["redis"] = real
-    assert response.status_code == 503 and error_code(response) == "auth_unavailable"
-    assert response.headers["Retry-After"] == "1"
+    for response in responses:
+        assert response.status_code == 503 and error_code(response) == "auth_unavailable"
+        assert response.headers["Retry-After"] == "1"
 
 
 def test_api_key_lifecycle(client, user):

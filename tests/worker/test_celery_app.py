@@ -1,4 +1,5 @@
-"""The worker's broker transport survives the teardown celery 5.7 does when Redis goes away."""
+"""The broker transport (common/broker.py) survives the teardown celery 5.7 does when Redis goes away and
+publishes through one client per connection pool; workers preload what scoring imports."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ from bench.stack import OwnRedis
 
 
 def test_a_dropped_broker_connection_is_torn_down_without_killing_the_worker(tmp_path):
-    from worker.celery_app import RedisTransport
+    from common.broker import RedisTransport
 
     broker = OwnRedis(tmp_path / "redis").start()
     try:
@@ -36,6 +37,36 @@ def test_a_dropped_broker_connection_is_torn_down_without_killing_the_worker(tmp
         ignore_errors(conn, conn.close)
         # the task finishes after the reconnect: its ack on the dead channel is logged, not raised
         held[0].ack_log_error(logging.getLogger("test"), RedisTransport.connection_errors)
+    finally:
+        broker.stop()
+
+
+def test_publishing_reuses_one_client_and_recovers_after_a_redis_restart(tmp_path):
+    from common.broker import RedisTransport
+
+    broker = OwnRedis(tmp_path / "redis").start()
+    try:
+        conn = Connection(broker.url, transport=RedisTransport)
+        queue = Queue("jobs", Exchange("", type="direct"), routing_key="jobs")
+
+        def publish(n: int) -> None:
+            with conn.Producer() as producer:
+                producer.publish({"job": n}, exchange=queue.exchange, routing_key="jobs", declare=[queue],
+                                 retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2})
+
+        publish(1)
+        client = conn.default_channel._pool_client
+        publish(2)
+        assert conn.default_channel._pool_client is client  # not a new redis.Redis per message
+        broker.stop()
+        broker.start()
+        publish(3)  # its connections to the old server are gone
+        got = []
+        conn.Consumer(queue, callbacks=[lambda body, message: (got.append(body["job"]), message.ack())]).consume()
+        while 3 not in got:
+            conn.drain_events(timeout=5)
+        assert got in ([3], [1, 2, 3])  # the earlier two only if the server saved them on its way down
+        conn.release()
     finally:
         broker.stop()
 

@@ -204,8 +204,8 @@ def _answer(job: PredictionJob):
 
 
 @blp.route("/predict/<string:model_ref>", methods=["POST"])
-@blp.arguments(PredictRequestSchema)
-@blp.arguments(WaitQuerySchema, location="query")
+@blp.arguments(PredictRequestSchema())
+@blp.arguments(WaitQuerySchema(), location="query")
 @blp.response(202, JobSchema)
 @blp.alt_response(200, schema=JobSchema, description="The finished job, when it ended within `wait` seconds")
 @blp.alt_response(409, description="The model is archived")
