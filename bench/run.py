@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -333,9 +334,11 @@ def interleaved(stack: Stack, client: Client, model, model_id: str, rows: np.nda
     for n in range(profile.rounds):
         rtts += noop_round_trips(profile.rtt_samples // profile.rounds)
         job_samples += job_latencies(client, model_id, rows, per_round, offset=n * per_round)
+    log("    8-client rounds")
     for _ in range(profile.rounds):
         noop_clients += run_clients(_noop_client, [()] * CLIENTS, profile.round_seconds)
         job_rounds.append(job_client_reports(client, model_id, profile.round_seconds))
+    log("    no-op drain")
     drain_tasks = 2000 if profile.name == "full" else 300
     floor = floor_figures(rtts, noop_clients, profile.round_seconds * profile.rounds, noop_drain(drain_tasks),
                           drain_tasks)
@@ -524,8 +527,11 @@ def worker_cache_memory(stack: Stack, client: Client, models: list, budget: int)
     """Every pool child loads the five models (the cache's count limit); child RSS growth against the budget."""
     children = [c.pid for w in stack.live_workers() for c in w.children()]
     before = {pid: rss(pid) for pid in children}
-    versions = [client.upload_model(skops_bytes(m), "trees.skops", f"mem-{i}-{uuid.uuid4().hex[:6]}")
-                for i, m in enumerate(models)]
+    with ThreadPoolExecutor(len(models)) as uploads:  # each upload is validated in a sandbox process
+        versions = list(uploads.map(lambda i: client.upload_model(skops_bytes(models[i]), "trees.skops",
+                                                                 f"mem-{i}-{uuid.uuid4().hex[:6]}"),
+                                    range(len(models))))
+    log(f"    {len(versions)} models uploaded; every pool child loads each")
     row = {"instances": [np.zeros(30).tolist()]}
     served: dict[int, set] = {pid: set() for pid in children}
     lock = threading.Lock()

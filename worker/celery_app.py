@@ -12,9 +12,11 @@ from worker import observability  # noqa: F401  (connects the JSON-log and metri
 from worker import runtime
 
 TASK_MODULES = ["worker.tasks.predictions", "worker.tasks.batches", "worker.tasks.maintenance"]
-# what loading a skops artifact and scoring it import: ~2 s the first time
+# what loading a skops artifact and scoring it import (~2 s the first time), and the database driver that
+# claims and records a job (~0.5 s: SQLAlchemy loads it with the first engine)
 SCORING_MODULES = ("skops.io", "sklearn.linear_model", "sklearn.ensemble", "sklearn.tree", "sklearn.neighbors",
-                   "sklearn.naive_bayes", "sklearn.svm", "sklearn.pipeline", "sklearn.compose", "sklearn.preprocessing")
+                   "sklearn.naive_bayes", "sklearn.svm", "sklearn.pipeline", "sklearn.compose", "sklearn.preprocessing",
+                   "psycopg")
 
 
 def create_worker_app(settings: Settings | None = None) -> Celery:

@@ -72,9 +72,9 @@ def test_publishing_reuses_one_client_and_recovers_after_a_redis_restart(tmp_pat
 
 
 def test_pool_children_start_with_the_scoring_libraries_already_imported(workers):
-    """The main process imports skops and sklearn before forking, so a child that replaces a killed one can
-    score at once instead of spending seconds on imports: its memory maps sklearn's tree extension before it
-    has run any task."""
+    """The main process imports skops, sklearn and the database driver before forking, so a child that
+    replaces a killed one can score at once instead of spending seconds on imports: its memory maps sklearn's
+    tree extension and psycopg's C extension before it has run any task."""
     import os
     import signal
     import time
@@ -93,3 +93,4 @@ def test_pool_children_start_with_the_scoring_libraries_already_imported(workers
     assert fresh, "the pool did not replace its killed child"
     mapped = {m.path for m in fresh[0].memory_maps()}
     assert any("sklearn/tree/_tree" in path for path in mapped)
+    assert any("psycopg_binary/_psycopg" in path for path in mapped)
