@@ -50,7 +50,7 @@ class Profile:
 
 
 FULL = Profile("full", 500, 400, 10.0, 3, 1_000_000, 20, 1 << 30)
-QUICK = Profile("quick", 150, 120, 4.0, 2, 100_000, 5, 256 << 20)
+QUICK = Profile("quick", 150, 120, 4.0, 1, 100_000, 5, 256 << 20)
 
 
 def percentile(values: list[float], q: float) -> float:
