@@ -117,10 +117,10 @@ def _guarded_insert() -> Insert:
 GUARDED_INSERT = _guarded_insert()
 
 
-def _insert_if_servable(model_id: uuid.UUID, rows: list, key: str | None) -> PredictionJob | None:
+def _insert_if_servable(job_id: uuid.UUID, model_id: uuid.UUID, rows: list, key: str | None) -> PredictionJob | None:
     """Insert and commit the job row in one statement, only while its model is not archived; the row as
     PostgreSQL returns it, or None when the model cannot serve."""
-    values = {"id": uuid.uuid4(), "owner_id": current_user().id, "model_version_id": model_id,
+    values = {"id": job_id, "owner_id": current_user().id, "model_version_id": model_id,
               "status": JobStatus.queued, "instances": rows, "attempts": 0, "idempotency_key": key,
               "request_id": request_id()}
     if db.session().in_transaction():  # a read so far (API key, reference): at most one connection per request
@@ -135,10 +135,10 @@ def _insert_if_servable(model_id: uuid.UUID, rows: list, key: str | None) -> Pre
     return job
 
 
-def _insert_job(model_id: uuid.UUID, rows: list, key: str | None) -> tuple[PredictionJob, bool]:
+def _insert_job(job_id: uuid.UUID, model_id: uuid.UUID, rows: list, key: str | None) -> tuple[PredictionJob, bool]:
     """Commit the job row (before any message exists); (job, created)."""
     try:
-        job = _insert_if_servable(model_id, rows, key)
+        job = _insert_if_servable(job_id, model_id, rows, key)
     except IntegrityError:
         existing = _existing_for_key(key) if key else None
         if existing is None:
@@ -182,20 +182,23 @@ def _wait_for(job: PredictionJob, seconds: float) -> PredictionJob:
     seconds = _wait_seconds(seconds)
     if seconds <= 0 or job.status in FINAL_STATUSES:
         return job
-    with current_app.extensions["job_waiter"].watch(str(job.id)) as watch:
+    with _watching(job.id, seconds) as watch:
         return _await_end(job, watch, seconds, check_first=True)
 
 
-def _publish_and_wait(job: PredictionJob, seconds: float) -> PredictionJob:
-    """Enqueue a new job and, if asked, wait for it: watched from before its message exists, its end cannot
-    be missed and needs no read of its row."""
-    seconds = _wait_seconds(seconds)
-    with current_app.extensions["job_waiter"].watch(str(job.id)) if seconds > 0 else nullcontext() as watch:
-        # the message carries the job's log context, so the worker need not read it back
-        with log_context(job_id=str(job.id), model_id=str(job.model_version_id)):
-            publish(RUN_PREDICTION, str(job.id))
-        job_submitted(job)
-        return _await_end(job, watch, seconds, check_first=False) if watch else job
+def _watching(job_id: uuid.UUID, seconds: float):
+    """A watch on the job's end, or nothing when the client does not wait."""
+    return current_app.extensions["job_waiter"].watch(str(job_id)) if seconds > 0 else nullcontext()
+
+
+def _publish_and_wait(job: PredictionJob, watch: Watch | None, seconds: float) -> PredictionJob:
+    """Enqueue a new job and, if asked, wait for it; watched from before its row existed, its end cannot be
+    missed and needs no read of its row."""
+    # the message carries the job's log context, so the worker need not read it back
+    with log_context(job_id=str(job.id), model_id=str(job.model_version_id)):
+        publish(RUN_PREDICTION, str(job.id))
+    job_submitted(job)
+    return _await_end(job, watch, seconds, check_first=False) if watch else job
 
 
 def _answer(job: PredictionJob):
@@ -220,10 +223,14 @@ def predict(body: dict, query: dict, model_ref: str):
     model = input_schema(current_user().id, model_ref)
     limit = current_app.extensions["settings"].max_instances_per_job
     rows = validate_instances(model, body["instances"], limit)
-    job, created = _insert_job(model.id, rows, key)
-    if not created:
-        return _answer(_wait_for(job, query["wait"]))
-    return _answer(_publish_and_wait(job, query["wait"]))
+    job_id, seconds = uuid.uuid4(), _wait_seconds(query["wait"])
+    # watched before its row exists: once committed, a worker scoring queued jobs of this model together
+    # (adaptive batching) may claim and finish it before its own message is published
+    with _watching(job_id, seconds) as watch:
+        job, created = _insert_job(job_id, model.id, rows, key)
+        if not created:
+            return _answer(_wait_for(job, query["wait"]))
+        return _answer(_publish_and_wait(job, watch, seconds))
 
 
 @blp.route("/jobs")
