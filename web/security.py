@@ -95,9 +95,6 @@ class VerifiedTokens:
                 self._verified.popitem(last=False)
 
 
-VERIFIED_TOKENS = VerifiedTokens()
-
-
 def _still_valid(header: dict, claims: dict) -> None:
     """What can change after a token was verified: the clock and the blocklist (answered as for a fresh token)."""
     expires = claims.get("exp")
@@ -111,11 +108,12 @@ def _still_valid(header: dict, claims: dict) -> None:
 
 def _caller_from_token() -> Caller:
     authorization = request.headers.get("Authorization", "")
-    verified = VERIFIED_TOKENS.get(authorization) if authorization else None
+    remembered: VerifiedTokens = current_app.extensions["verified_tokens"]  # per app: per signing key
+    verified = remembered.get(authorization) if authorization else None
     if verified is None:
         verify_jwt_in_request()  # signature, expiry, type and revocation; its failures answer 401 (or 503)
         header, claims = get_jwt_header(), get_jwt()
-        VERIFIED_TOKENS.add(authorization, header, claims)
+        remembered.add(authorization, header, claims)
     else:
         header, claims = verified
         _still_valid(header, claims)
@@ -163,8 +161,10 @@ def is_revoked(payload: dict) -> bool:
 
 
 def register_jwt_callbacks(app: Flask) -> None:
-    """JWT failures answer in the JSON error shape; a token Redis cannot vouch for is refused (503, retry)."""
+    """JWT failures answer in the JSON error shape; a token Redis cannot vouch for is refused (503, retry);
+    verified tokens are remembered per app, since each app may sign with its own key."""
 
+    app.extensions["verified_tokens"] = VerifiedTokens()
     jwt.token_in_blocklist_loader(lambda _header, payload: is_revoked(payload))
 
     @jwt.unauthorized_loader

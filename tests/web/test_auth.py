@@ -155,6 +155,17 @@ def test_a_token_verified_before_is_still_refused_once_expired_or_revoked(client
     assert revoked.status_code == 401 and error_code(revoked) == "token_revoked"
 
 
+def test_a_token_one_app_verified_is_refused_by_an_app_with_another_key(client, settings, user):
+    import dataclasses
+
+    from web.app import create_app
+
+    assert client.get("/api/v1/auth/me", headers=user["headers"]).status_code == 200
+    other = create_app(dataclasses.replace(settings, secret_key="another-signing-key-" + "x" * 32)).test_client()
+    response = other.get("/api/v1/auth/me", headers=user["headers"])
+    assert response.status_code == 401 and error_code(response) == "invalid_token"
+
+
 def test_tokens_are_refused_when_redis_cannot_be_asked(client, app, user):
     import redis
 
