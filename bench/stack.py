@@ -21,13 +21,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import redis
 import requests
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from urllib.parse import urlsplit
 
 from common.config import sqlalchemy_url
 

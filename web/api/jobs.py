@@ -192,8 +192,7 @@ def _watching(job_id: uuid.UUID, seconds: float):
 
 
 def _publish_and_wait(job: PredictionJob, watch: Watch | None, seconds: float) -> PredictionJob:
-    """Enqueue a new job and, if asked, wait for it; watched from before its row existed, its end cannot be
-    missed and needs no read of its row."""
+    """Enqueue a new job and, if asked, wait for it on the watch its submit began: no read of its row."""
     # the message carries the job's log context, so the worker need not read it back
     with log_context(job_id=str(job.id), model_id=str(job.model_version_id)):
         publish(RUN_PREDICTION, str(job.id))
