@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
+import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -75,6 +76,26 @@ def create_celery(settings: Settings, name: str = "inferq") -> Celery:
 
 
 JOB_DONE_PATTERN = "inferq:job-done:*"
+
+# While a RUN_PREDICTION message for a model waits in the queue, the worker that takes it will claim the
+# model's other queued jobs too (adaptive batching): a job submitted meanwhile needs no message of its own.
+# The mark expires, so a message lost with the mark still set (Redis failing between the two commands)
+# delays the model's next jobs by at most this long; the reconciler stays the backstop.
+RUN_PENDING_TTL_MS = 2000
+
+
+def run_pending_key(model_id: str) -> str:
+    return f"inferq:run-pending:{model_id}"
+
+
+def mark_run_pending(client: redis.Redis, model_id: str) -> bool:
+    """True when no message for the model was waiting, so the caller must publish one (now marked)."""
+    return bool(client.set(run_pending_key(model_id), 1, nx=True, px=RUN_PENDING_TTL_MS))
+
+
+def clear_run_pending(client: redis.Redis, model_id: str) -> None:
+    """The model's waiting message is being taken: jobs committed from now on need a message again."""
+    client.delete(run_pending_key(model_id))
 
 
 # a larger job-done message carries only the status: its waiters read the job from PostgreSQL

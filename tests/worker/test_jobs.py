@@ -9,7 +9,7 @@ import pytest
 from sklearn.datasets import load_breast_cancer, load_iris
 from sklearn.linear_model import LogisticRegression, Ridge
 
-from common.queues import JOB_DONE_MAX_BYTES
+from common.queues import JOB_DONE_MAX_BYTES, RUN_PENDING_TTL_MS, mark_run_pending
 from tests.conftest import upload
 
 
@@ -167,6 +167,43 @@ def test_queued_jobs_of_one_model_are_scored_together_each_with_its_own_result(c
     for job in jobs:  # jobs from one predict call share a worker and the call's inference time
         scored_together.setdefault((job["worker"], job["timings"]["inference_ms"]), []).append(job["id"])
     assert max(len(group) for group in scored_together.values()) > 1
+
+
+def test_jobs_submitted_while_their_models_message_waits_share_it(user, iris_model, solo_worker):
+    """One message serves a backlog of one model; a worker that claims a full batch sends the next message."""
+    model, X = iris_model
+    solo, _ = solo_worker(ADAPTIVE_BATCH_MAX_JOBS="4")
+    version = upload(solo, user["headers"], model, name="shared-message")
+    extensions = solo.application.extensions
+    extensions["celery"].control.cancel_consumer("predictions", reply=True)
+    try:
+        ids = [submit(solo, user["headers"], version["id"], X[i:i + 1].tolist()).json["id"] for i in range(10)]
+        assert extensions["redis"].llen("predictions") == 1
+    finally:
+        extensions["celery"].control.add_consumer("predictions", reply=True)
+    jobs = [wait_job(solo, user["headers"], job_id) for job_id in ids]
+    assert [(job["status"], job["attempts"]) for job in jobs] == [("succeeded", 1)] * 10
+    assert [job["result"]["predictions"] for job in jobs] == [[p] for p in model.predict(X[:10]).tolist()]
+    batches = {}
+    for job in jobs:
+        batches.setdefault(job["timings"]["inference_ms"], []).append(job["id"])
+    # the message's own job and 3 peers, then two more messages of 3 peers each (the last finds none left)
+    assert sorted(len(batch) for batch in batches.values()) == [3, 3, 4]
+
+
+def test_a_pending_mark_whose_message_was_lost_expires(user, iris_model, solo_worker):
+    """Redis failing between marking a model's message pending and publishing it delays that model's jobs
+    by at most RUN_PENDING_TTL_MS: the next submit after it publishes, and its worker claims both."""
+    model, X = iris_model
+    solo, _ = solo_worker()
+    version = upload(solo, user["headers"], model, name="lost-message")
+    assert mark_run_pending(solo.application.extensions["redis"], version["id"])  # as if its publish failed
+    first = submit(solo, user["headers"], version["id"], X[:1].tolist(), wait=0.5).json
+    assert first["status"] == "queued"
+    time.sleep(RUN_PENDING_TTL_MS / 1000)
+    second = submit(solo, user["headers"], version["id"], X[1:2].tolist(), wait=20).json
+    assert second["status"] == "succeeded"
+    assert wait_job(solo, user["headers"], first["id"], seconds=5)["result"]["predictions"] == [model.predict(X[:1])[0]]
 
 
 def test_a_sixth_model_evicts_the_least_recently_used(client, user, iris_model, solo_worker):

@@ -5,6 +5,7 @@ import uuid
 from contextlib import nullcontext
 
 import marshmallow as ma
+import redis
 from flask import current_app, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
@@ -16,7 +17,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from common.extensions import db
 from common.logging import log_context
 from common.models import FINAL_STATUSES, JobStatus, ModelStatus, ModelVersion, PredictionJob
-from common.queues import RUN_PREDICTION
+from common.queues import RUN_PREDICTION, mark_run_pending
 from web.errors import ApiError, not_found
 from web.instances import validate_instances
 from web.pagination import PageQuerySchema, page_schema, paginate
@@ -191,11 +192,24 @@ def _watching(job_id: uuid.UUID, seconds: float):
     return current_app.extensions["job_waiter"].watch(str(job_id)) if seconds > 0 else nullcontext()
 
 
+def _needs_message(model_id: str) -> bool:
+    """False while a message for the model still waits in the queue: the worker that takes it claims this
+    committed job with the model's other queued jobs (adaptive batching)."""
+    if current_app.extensions["settings"].adaptive_batch_max_jobs < 2:
+        return True
+    try:
+        return mark_run_pending(current_app.extensions["redis"], model_id)
+    except redis.RedisError:
+        return True  # publish() reports the broker down; the reconciler enqueues the job later
+
+
 def _publish_and_wait(job: PredictionJob, watch: Watch | None, seconds: float) -> PredictionJob:
     """Enqueue a new job and, if asked, wait for it on the watch its submit began: no read of its row."""
+    model_id = str(job.model_version_id)
     # the message carries the job's log context, so the worker need not read it back
-    with log_context(job_id=str(job.id), model_id=str(job.model_version_id)):
-        publish(RUN_PREDICTION, str(job.id))
+    with log_context(job_id=str(job.id), model_id=model_id):
+        if _needs_message(model_id):
+            publish(RUN_PREDICTION, str(job.id), model_id)
     job_submitted(job)
     return _await_end(job, watch, seconds, check_first=False) if watch else job
 

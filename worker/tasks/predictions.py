@@ -3,7 +3,9 @@
 When jobs for one model queue up faster than they run, the worker that claims one also claims
 up to ADAPTIVE_BATCH_MAX_JOBS - 1 other queued jobs of that model and scores them in one predict
 call (adaptive batching). Each job keeps its own result, timings and compare-and-swap guards, and
-the other jobs' own messages later find them finished and write nothing.
+the other jobs' own messages later find them finished and write nothing. Jobs submitted while a
+message for their model still waits in the queue publish none (web/api/jobs.py: _needs_message):
+that message's worker claims them, and sends another message when the batch it claimed was full.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, text
 
 from common.models import JobStatus, PredictionJob
-from common.queues import JOB_DONE_FIELDS, RUN_PREDICTION, job_done_channel, job_done_message
+from common.queues import JOB_DONE_FIELDS, RUN_PREDICTION, clear_run_pending, job_done_channel, job_done_message
 from worker import runtime
 from worker.observability import job_finished, model_loaded
 from worker.serving import ModelInfo, load_model, model_info
@@ -47,14 +49,16 @@ class ClaimedJob:
 _CLAIMED = "j.id, j.model_version_id, j.instances, j.attempts, j.queue_ms, j.request_id"
 _START = """status = 'running', attempts = j.attempts + 1, started_at = clock_timestamp(), worker = :worker,
             queue_ms = extract(epoch FROM clock_timestamp() - j.created_at) * 1000"""
-# This job if still queued, plus the oldest queued jobs of its model that no one else is claiming.
+# This job if still queued, plus the oldest queued jobs of its model that no one else is claiming (also
+# when the job itself was taken: jobs submitted while this message waited rely on it, see _needs_message).
 CLAIM_WITH_PEERS = text(f"""
     WITH target AS (
-        SELECT id, model_version_id FROM prediction_jobs WHERE id = :job_id AND status = 'queued'
+        SELECT id FROM prediction_jobs WHERE id = :job_id AND status = 'queued'
         FOR UPDATE SKIP LOCKED
     ), peers AS (
-        SELECT p.id FROM prediction_jobs p JOIN target t ON p.model_version_id = t.model_version_id
-        WHERE p.status = 'queued' AND p.id <> t.id ORDER BY p.created_at LIMIT :peers
+        SELECT p.id FROM prediction_jobs p
+        WHERE p.model_version_id = (SELECT model_version_id FROM prediction_jobs WHERE id = :job_id)
+          AND p.status = 'queued' AND p.id <> :job_id ORDER BY p.created_at LIMIT :peers
         FOR UPDATE OF p SKIP LOCKED
     )
     UPDATE prediction_jobs j SET {_START}
@@ -80,11 +84,13 @@ def _claim(statement, **params) -> list[ClaimedJob]:
     return [ClaimedJob(*row) for row in runtime.execute(statement, {"worker": runtime.identity(), **params})]
 
 
-def claim(job_id: uuid.UUID) -> list[ClaimedJob]:
-    """The job (first) and its queued peers, now running here; empty if the job is not queued."""
+def claim(job_id: uuid.UUID) -> tuple[list[ClaimedJob], bool]:
+    """The job (first, if it was queued) and queued jobs of its model, now running here; and whether the
+    peers filled the batch (more of the model's jobs may be queued)."""
     peers = max(runtime.settings().adaptive_batch_max_jobs - 1, 0)
     jobs = _claim(CLAIM_WITH_PEERS, job_id=job_id, peers=peers)
-    return sorted(jobs, key=lambda job: job.id != job_id)
+    full = peers > 0 and sum(job.id != job_id for job in jobs) >= peers
+    return sorted(jobs, key=lambda job: job.id != job_id), full
 
 
 def _holder(job_id: uuid.UUID) -> tuple[JobStatus, str | None] | None:
@@ -229,20 +235,37 @@ def serve(jobs: list[ClaimedJob]) -> None:
     finish([(job, {**cache, **outcome}) for job, outcome in zip(jobs, score(jobs, info, model=lookup.model))])
 
 
-@shared_task(name=RUN_PREDICTION)
-def run_prediction(job_id: str) -> None:
-    """Run a prediction job (and its queued peers); a duplicate delivery of a finished job writes nothing."""
+def _take_over_if_orphaned(job_id: uuid.UUID) -> list[ClaimedJob]:
+    """The jobs a dead process held, if it held this running job; else nothing (finished, cancelled or
+    deleted; or held by a live or remote worker, e.g. scored in a peer's batch: that worker records it,
+    and if it dies its own message is redelivered or the reconciler requeues the job)."""
+    holder = _holder(job_id)
+    if holder is None or holder[0] != JobStatus.running or not _orphaned(holder[1]):
+        return []
+    return _claim(TAKE_OVER, dead_worker=holder[1])
+
+
+def _clear_run_pending(model_id: str) -> None:
+    try:
+        clear_run_pending(runtime.redis_client(), model_id)
+    except redis.RedisError as exc:  # the mark expires on its own; until then the model's new jobs wait
+        log.warning("could not clear the model's pending message mark", extra={"error": str(exc)})
+
+
+@shared_task(name=RUN_PREDICTION, bind=True)
+def run_prediction(self, job_id: str, model_id: str | None = None) -> None:
+    """Run a prediction job and the queued jobs of its model; a duplicate delivery of a finished job writes
+    nothing. `model_id` (from the web, not the reconciler) says the message was its model's pending one."""
     job_uuid = uuid.UUID(job_id)
-    jobs = claim(job_uuid)
+    if model_id:  # before claiming: any job that skipped its own message is committed by now
+        _clear_run_pending(model_id)
+    jobs, full = claim(job_uuid)
+    if full:  # jobs that counted on this message may be left: another message takes the next batch
+        self.app.send_task(RUN_PREDICTION, args=[job_id, model_id])
+    if not any(job.id == job_uuid for job in jobs):  # a job taken twice keeps its latest attempt
+        jobs = list({job.id: job for job in jobs + _take_over_if_orphaned(job_uuid)}.values())
     if not jobs:
-        holder = _holder(job_uuid)
-        if holder is None or holder[0] != JobStatus.running:
-            return  # finished, cancelled or deleted: nothing to do
-        if not _orphaned(holder[1]):
-            # held by a live (or remote) worker, e.g. scored with a peer's batch: that worker records
-            # it; if it dies, its own message is redelivered or the reconciler requeues the job
-            return
-        jobs = _claim(TAKE_OVER, dead_worker=holder[1])
+        return
     try:
         serve(jobs)
     except SoftTimeLimitExceeded:
