@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,11 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+# chunks encoded at once while assembling: pyarrow's CSV writer and compute kernels release the GIL, so
+# threads spread the encoding over the cores; at most twice as many encoded chunks wait in memory
+ENCODE_THREADS = 4
+
+
 def assemble(chunk_outputs: list[Path], out_path: Path, fmt: str) -> None:
     """Concatenate chunk outputs in order into one CSV / JSON Lines / Parquet file, atomically."""
     if fmt not in FORMATS:
@@ -40,11 +48,24 @@ def assemble(chunk_outputs: list[Path], out_path: Path, fmt: str) -> None:
     tmp = _tmp_path(out_path)
     try:
         with _OutputWriter(fmt, tmp, schema) as writer:
-            for path in chunk_outputs:
-                writer.write(_open_output(path).read_all().select(schema.names).cast(schema))
+            encode = lambda path: writer.encode(_open_output(path).read_all().select(schema.names).cast(schema))  # noqa: E731
+            for encoded in _in_order(encode, chunk_outputs):
+                writer.write(encoded)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _in_order(fn: Callable[[Path], Any], items: list[Path]) -> Iterator[Any]:
+    """fn of each item, computed on ENCODE_THREADS threads, yielded in the items' order."""
+    with ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="assemble") as pool:
+        pending: deque[Future] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > 2 * ENCODE_THREADS:  # the threads never wait for the writer
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _open_output(path: Path) -> ipc.RecordBatchFileReader:
@@ -52,29 +73,42 @@ def _open_output(path: Path) -> ipc.RecordBatchFileReader:
 
 
 class _OutputWriter:
-    """Streams tables into a CSV, JSON Lines or Parquet file."""
+    """Writes encoded tables into a CSV, JSON Lines or Parquet file; `encode` may run on any thread."""
 
     def __init__(self, fmt: str, path: Path, schema: pa.Schema) -> None:
         self.fmt = fmt
-        if fmt == "csv":
-            self._sink = pacsv.CSVWriter(str(path), schema)
-        elif fmt == "parquet":
+        if fmt == "parquet":
             self._sink = pq.ParquetWriter(str(path), schema)
-        else:
-            self._sink = open(path, "wb")
+            return
+        self._sink = open(path, "wb")
+        if fmt == "csv":
+            self._sink.write(_csv_bytes(schema.empty_table(), header=True))
 
-    def write(self, table: pa.Table) -> None:
+    def encode(self, table: pa.Table) -> Any:
+        if self.fmt == "csv":
+            return [_csv_bytes(table, header=False)]
         if self.fmt == "jsonl":
-            for part in _jsonl_lines(table.combine_chunks()).chunks:
-                self._sink.write(_string_data(part))
-        else:
-            self._sink.write_table(table)
+            return [_string_data(part) for part in _jsonl_lines(table.combine_chunks()).chunks]
+        return table
+
+    def write(self, encoded: Any) -> None:
+        if self.fmt == "parquet":
+            self._sink.write_table(encoded)
+            return
+        for part in encoded:
+            self._sink.write(part)
 
     def __enter__(self) -> _OutputWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._sink.close()
+
+
+def _csv_bytes(table: pa.Table, header: bool) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=header))
+    return sink.getvalue()
 
 
 _LARGE = pa.large_string()

@@ -19,6 +19,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from bench.make_data import make_classification_csv
+from common.table_output import ENCODE_THREADS
 from common.tabular import TabularError, detect_format, read_columns
 from worker import batch_io
 from worker.batch_io import (
@@ -134,6 +135,16 @@ def test_every_format_in_and_out_keeps_rows_ids_and_order(tmp_path, frame, model
     assert list(output.id) == list(frame.id)
     assert_scored_like(output, model, frame[FEATURES])
     assert [r.rows for r in results] == [16, 16, 16, 2]
+
+
+@pytest.mark.parametrize("out_fmt", ["csv", "jsonl", "parquet"])
+def test_many_chunks_encoded_on_threads_are_assembled_in_order(tmp_path, frame, model, out_fmt):
+    path = write_table(frame, tmp_path / "upload.csv")
+    output, results = run_batch(path, model, tmp_path, out_fmt=out_fmt, rows_per_chunk=2,
+                                options=BatchOptions(id_column="id"))
+    assert len(results) == 25 > 2 * ENCODE_THREADS + 1  # more chunks than are ever encoded ahead
+    assert list(output.id) == list(frame.id)
+    assert_scored_like(output, model, frame[FEATURES])
 
 
 def test_probability_columns_follow_the_classes_and_can_be_left_out(tmp_path, frame, model):
