@@ -191,6 +191,24 @@ def test_jobs_submitted_while_their_models_message_waits_share_it(user, iris_mod
     assert sorted(len(batch) for batch in batches.values()) == [3, 3, 4]
 
 
+def test_a_worker_without_batching_passes_a_shared_message_on(user, iris_model, solo_worker):
+    """ADAPTIVE_BATCH_MAX_JOBS=1 on the worker but not in the web: jobs that skipped their own message are
+    each scored alone, one message after another."""
+    model, X = iris_model
+    solo, _ = solo_worker(ADAPTIVE_BATCH_MAX_JOBS="1")
+    version = upload(solo, user["headers"], model, name="no-batching")
+    celery = solo.application.extensions["celery"]
+    celery.control.cancel_consumer("predictions", reply=True)
+    try:
+        ids = [submit(solo, user["headers"], version["id"], X[i:i + 1].tolist()).json["id"] for i in range(4)]
+        assert solo.application.extensions["redis"].llen("predictions") == 1
+    finally:
+        celery.control.add_consumer("predictions", reply=True)
+    jobs = [wait_job(solo, user["headers"], job_id) for job_id in ids]
+    assert [job["result"]["predictions"] for job in jobs] == [[p] for p in model.predict(X[:4]).tolist()]
+    assert len({job["timings"]["inference_ms"] for job in jobs}) == 4  # four predict calls
+
+
 def test_a_pending_mark_whose_message_was_lost_expires(user, iris_model, solo_worker):
     """Redis failing between marking a model's message pending and publishing it delays that model's jobs
     by at most RUN_PENDING_TTL_MS: the next submit after it publishes, and its worker claims both."""

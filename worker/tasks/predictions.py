@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import redis
-from celery import shared_task
+from celery import current_app, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, text
 
@@ -64,6 +64,11 @@ CLAIM_WITH_PEERS = text(f"""
     UPDATE prediction_jobs j SET {_START}
     WHERE j.id IN (SELECT id FROM target UNION ALL SELECT id FROM peers)
     RETURNING {_CLAIMED}""")
+# The model's oldest queued job, for the next message when this worker scores one job per message.
+OLDEST_QUEUED = text("""
+    SELECT id FROM prediction_jobs
+    WHERE model_version_id = (SELECT model_version_id FROM prediction_jobs WHERE id = :job_id) AND status = 'queued'
+    ORDER BY created_at LIMIT 1""")
 # Every job a dead process held (its message's job and the peers it was scoring with it).
 TAKE_OVER = text(f"""
     UPDATE prediction_jobs j SET {_START}
@@ -245,6 +250,19 @@ def _take_over_if_orphaned(job_id: uuid.UUID) -> list[ClaimedJob]:
     return _claim(TAKE_OVER, dead_worker=holder[1])
 
 
+def _pass_on(job_id: uuid.UUID, model_id: str, full: bool) -> None:
+    """Send the model's next message when jobs that skipped their own may still be queued: this batch was
+    full, or this worker scores one job per message (ADAPTIVE_BATCH_MAX_JOBS=1 here but not in the web)."""
+    if full:
+        next_id = job_id  # its peers are the model's next queued jobs
+    elif runtime.settings().adaptive_batch_max_jobs < 2:
+        next_id = next(iter(row.id for row in runtime.execute(OLDEST_QUEUED, {"job_id": job_id})), None)
+    else:
+        return
+    if next_id is not None:
+        current_app.send_task(RUN_PREDICTION, args=[str(next_id), model_id])
+
+
 def _clear_run_pending(model_id: str) -> None:
     try:
         clear_run_pending(runtime.redis_client(), model_id)
@@ -252,16 +270,16 @@ def _clear_run_pending(model_id: str) -> None:
         log.warning("could not clear the model's pending message mark", extra={"error": str(exc)})
 
 
-@shared_task(name=RUN_PREDICTION, bind=True)
-def run_prediction(self, job_id: str, model_id: str | None = None) -> None:
+@shared_task(name=RUN_PREDICTION)
+def run_prediction(job_id: str, model_id: str | None = None) -> None:
     """Run a prediction job and the queued jobs of its model; a duplicate delivery of a finished job writes
     nothing. `model_id` (from the web, not the reconciler) says the message was its model's pending one."""
     job_uuid = uuid.UUID(job_id)
     if model_id:  # before claiming: any job that skipped its own message is committed by now
         _clear_run_pending(model_id)
     jobs, full = claim(job_uuid)
-    if full:  # jobs that counted on this message may be left: another message takes the next batch
-        self.app.send_task(RUN_PREDICTION, args=[job_id, model_id])
+    if model_id:
+        _pass_on(job_uuid, model_id, full)
     if not any(job.id == job_uuid for job in jobs):  # a job taken twice keeps its latest attempt
         jobs = list({job.id: job for job in jobs + _take_over_if_orphaned(job_uuid)}.values())
     if not jobs:
