@@ -38,11 +38,11 @@ test: install test-deps
 # issue 7: the whole stack against same-run baselines (own database inferq_bench, Redis db 10) -> bench/results.json
 bench: install
 	@mkdir -p var
-	@$(SERVICES) && python -m bench.run
+	@$(SERVICES) && python -m bench
 
 bench-quick: install
 	@mkdir -p var
-	@$(SERVICES) && python -m bench.run --quick
+	@$(SERVICES) && python -m bench --quick
 
 # issue 7: chaos soak (killed workers, a replaced worker, Redis restarts); its own database and Redis server
 soak: install

@@ -48,8 +48,27 @@ class JobWaiter:
     def __init__(self, client: redis.Redis):
         self._client = client
         self._watches: dict[str, set[Watch]] = {}
+        # per model, the job of the last message this process published whose end it has not heard yet
+        self._last_sent: dict[str, str] = {}
+        self._model_of_sent: dict[str, str] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+
+    def message_sent(self, model_id: str, job_id: str) -> None:
+        """A message for the model's job was published from this process."""
+        with self._lock:
+            self._model_of_sent.pop(self._last_sent.get(model_id, ""), None)
+            self._last_sent[model_id] = job_id
+            self._model_of_sent[job_id] = model_id
+        self._ensure_listening()
+
+    def may_be_queueing(self, model_id: str, job_id: str) -> bool:
+        """Whether jobs of the model may be queueing up, as this process sees it: another request here waits
+        for its job, or the job of the last message this process published for the model has not ended.
+        A hint (a missed announcement leaves it True until the model's next message): either answer is
+        safe, a wrong one costs only speed (web/api/jobs.py: _enqueue)."""
+        with self._lock:
+            return model_id in self._last_sent or len(self._watches) > (job_id in self._watches)
 
     @contextmanager
     def watch(self, job_id: str) -> Iterator[Watch]:
@@ -103,6 +122,8 @@ class JobWaiter:
 
     def _announce(self, job_id: str, data: bytes) -> None:
         with self._lock:
+            if (model_id := self._model_of_sent.pop(job_id, None)) is not None:
+                del self._last_sent[model_id]
             if job_id not in self._watches:  # every process hears every job; most are not waited for here
                 return
         try:

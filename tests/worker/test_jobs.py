@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -178,7 +179,8 @@ def test_jobs_submitted_while_their_models_message_waits_share_it(user, iris_mod
     extensions["celery"].control.cancel_consumer("predictions", reply=True)
     try:
         ids = [submit(solo, user["headers"], version["id"], X[i:i + 1].tolist()).json["id"] for i in range(10)]
-        assert extensions["redis"].llen("predictions") == 1
+        # the first job's own message, then one for the jobs submitted while it waits
+        assert extensions["redis"].llen("predictions") == 2
     finally:
         extensions["celery"].control.add_consumer("predictions", reply=True)
     jobs = [wait_job(solo, user["headers"], job_id) for job_id in ids]
@@ -201,7 +203,7 @@ def test_a_worker_without_batching_passes_a_shared_message_on(user, iris_model, 
     celery.control.cancel_consumer("predictions", reply=True)
     try:
         ids = [submit(solo, user["headers"], version["id"], X[i:i + 1].tolist()).json["id"] for i in range(4)]
-        assert solo.application.extensions["redis"].llen("predictions") == 1
+        assert solo.application.extensions["redis"].llen("predictions") == 2
     finally:
         celery.control.add_consumer("predictions", reply=True)
     jobs = [wait_job(solo, user["headers"], job_id) for job_id in ids]
@@ -215,7 +217,9 @@ def test_a_pending_mark_whose_message_was_lost_expires(user, iris_model, solo_wo
     model, X = iris_model
     solo, _ = solo_worker()
     version = upload(solo, user["headers"], model, name="lost-message")
-    assert mark_run_pending(solo.application.extensions["redis"], version["id"])  # as if its publish failed
+    # as if a message published from this web process for the model were waiting, marked, and then lost
+    solo.application.extensions["job_waiter"].message_sent(version["id"], str(uuid.uuid4()))
+    assert mark_run_pending(solo.application.extensions["redis"], version["id"])
     first = submit(solo, user["headers"], version["id"], X[:1].tolist(), wait=0.5).json
     assert first["status"] == "queued"
     time.sleep(RUN_PENDING_TTL_MS / 1000)

@@ -192,24 +192,29 @@ def _watching(job_id: uuid.UUID, seconds: float):
     return current_app.extensions["job_waiter"].watch(str(job_id)) if seconds > 0 else nullcontext()
 
 
-def _needs_message(model_id: str) -> bool:
-    """False while a message for the model still waits in the queue: the worker that takes it claims this
-    committed job with the model's other queued jobs (adaptive batching)."""
-    if current_app.extensions["settings"].adaptive_batch_max_jobs < 2:
-        return True
-    try:
-        return mark_run_pending(current_app.extensions["redis"], model_id)
-    except redis.RedisError:
-        return True  # publish() reports the broker down; the reconciler enqueues the job later
+def _enqueue(job: PredictionJob) -> None:
+    """Publish the job's message, unless a message for its model still waits in the queue: the worker that
+    takes that one claims this committed job with the model's other queued jobs (adaptive batching)."""
+    job_id, model_id = str(job.id), str(job.model_version_id)
+    waiter = current_app.extensions["job_waiter"]
+    if current_app.extensions["settings"].adaptive_batch_max_jobs < 2 or not waiter.may_be_queueing(model_id, job_id):
+        args = [job_id]  # idle: no mark, and so no Redis round trips for it here or in the worker
+    else:
+        try:
+            if not mark_run_pending(current_app.extensions["redis"], model_id):
+                return
+        except redis.RedisError:
+            pass  # publish() reports the broker down; the reconciler enqueues the job later
+        args = [job_id, model_id]  # the worker clears the mark before it claims
+    publish(RUN_PREDICTION, *args)
+    waiter.message_sent(model_id, job_id)
 
 
 def _publish_and_wait(job: PredictionJob, watch: Watch | None, seconds: float) -> PredictionJob:
     """Enqueue a new job and, if asked, wait for it on the watch its submit began: no read of its row."""
-    model_id = str(job.model_version_id)
     # the message carries the job's log context, so the worker need not read it back
-    with log_context(job_id=str(job.id), model_id=model_id):
-        if _needs_message(model_id):
-            publish(RUN_PREDICTION, str(job.id), model_id)
+    with log_context(job_id=str(job.id), model_id=str(job.model_version_id)):
+        _enqueue(job)
     job_submitted(job)
     return _await_end(job, watch, seconds, check_first=False) if watch else job
 

@@ -4,7 +4,7 @@ When jobs for one model queue up faster than they run, the worker that claims on
 up to ADAPTIVE_BATCH_MAX_JOBS - 1 other queued jobs of that model and scores them in one predict
 call (adaptive batching). Each job keeps its own result, timings and compare-and-swap guards, and
 the other jobs' own messages later find them finished and write nothing. Jobs submitted while a
-message for their model still waits in the queue publish none (web/api/jobs.py: _needs_message):
+message for their model still waits in the queue publish none (web/api/jobs.py: _enqueue):
 that message's worker claims them, and sends another message when the batch it claimed was full.
 """
 from __future__ import annotations
@@ -49,8 +49,8 @@ class ClaimedJob:
 _CLAIMED = "j.id, j.model_version_id, j.instances, j.attempts, j.queue_ms, j.request_id"
 _START = """status = 'running', attempts = j.attempts + 1, started_at = clock_timestamp(), worker = :worker,
             queue_ms = extract(epoch FROM clock_timestamp() - j.created_at) * 1000"""
-# This job if still queued, plus the oldest queued jobs of its model that no one else is claiming (also
-# when the job itself was taken: jobs submitted while this message waited rely on it, see _needs_message).
+# This job if still queued, plus the oldest queued jobs of its model that no one else is claiming, also when
+# the job itself was taken: jobs submitted while this message waited rely on it (web/api/jobs.py: _enqueue).
 CLAIM_WITH_PEERS = text(f"""
     WITH target AS (
         SELECT id FROM prediction_jobs WHERE id = :job_id AND status = 'queued'
