@@ -48,7 +48,9 @@ def assemble(chunk_outputs: list[Path], out_path: Path, fmt: str) -> None:
     tmp = _tmp_path(out_path)
     try:
         with _OutputWriter(fmt, tmp, schema) as writer:
-            encode = lambda path: writer.encode(_open_output(path).read_all().select(schema.names).cast(schema))  # noqa: E731
+            def encode(path: Path) -> Any:
+                return writer.encode(_open_output(path).read_all().select(schema.names).cast(schema))
+
             for encoded in _in_order(encode, chunk_outputs):
                 writer.write(encoded)
         os.replace(tmp, out_path)

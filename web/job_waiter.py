@@ -3,6 +3,9 @@
 A `?wait` request watches its job id; a single listener thread hands each "job done" message published
 by a worker to the watches of that job. The message carries the fields the worker just committed, so a
 woken request answers without reading the row back; no connection per request, no polling.
+
+Hearing every job's end, it also tells the submit path whether a model's jobs may be queueing up in this
+process (`may_be_queueing`), which decides whether a job may rely on its model's waiting message.
 """
 from __future__ import annotations
 
