@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import kombu.exceptions
 import numpy as np
 import pandas as pd
 import redis
@@ -259,8 +260,13 @@ def _pass_on(job_id: uuid.UUID, model_id: str, full: bool) -> None:
         next_id = next(iter(row.id for row in runtime.execute(OLDEST_QUEUED, {"job_id": job_id})), None)
     else:
         return
-    if next_id is not None:
-        current_app.send_task(RUN_PREDICTION, args=[str(next_id), model_id])
+    if next_id is None:
+        return
+    try:
+        current_app.send_task(RUN_PREDICTION, args=[str(next_id), model_id], retry=False)
+    except (OSError, redis.RedisError, kombu.exceptions.OperationalError) as exc:  # score what was claimed
+        log.warning("could not pass the model's message on; the reconciler enqueues its jobs",
+                    extra={"model_id": model_id, "error": str(exc)})
 
 
 def _clear_run_pending(model_id: str) -> None:
