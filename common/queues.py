@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
+import kombu.exceptions
 import redis
 from celery import Celery
 from kombu import Exchange, Queue
@@ -31,6 +32,8 @@ TASK_ROUTES = {
     PURGE_RESULTS: {"queue": MAINTENANCE_QUEUE},
 }
 ALL_QUEUES = (PREDICTIONS_QUEUE, BATCHES_QUEUE, MAINTENANCE_QUEUE)
+# what publishing raises while the broker is unreachable
+BROKER_ERRORS = (OSError, redis.RedisError, kombu.exceptions.OperationalError)
 # The default (nameless) exchange routes by queue name alone, so publishing keeps working after
 # Redis loses kombu's binding tables (a restart without persistence, a FLUSHDB).
 TASK_QUEUES = [Queue(name, Exchange("", type="direct"), routing_key=name) for name in ALL_QUEUES]

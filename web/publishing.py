@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import logging
 
-import kombu.exceptions
-import redis
 from flask import current_app
+
+from common.queues import BROKER_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -15,5 +15,5 @@ def publish(task: str, *args: str) -> None:
     reconciler enqueues it once Redis is back, so the client still gets its 202."""
     try:
         current_app.extensions["celery"].send_task(task, args=list(args), retry=False)
-    except (OSError, redis.RedisError, kombu.exceptions.OperationalError) as exc:
+    except BROKER_ERRORS as exc:
         log.warning("could not publish; the reconciler will enqueue it", extra={"task": task, "error": str(exc)})

@@ -20,7 +20,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import kombu.exceptions
 import numpy as np
 import pandas as pd
 import redis
@@ -29,7 +28,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, text
 
 from common.models import JobStatus, PredictionJob
-from common.queues import JOB_DONE_FIELDS, RUN_PREDICTION, clear_run_pending, job_done_channel, job_done_message
+from common.queues import (
+    BROKER_ERRORS, JOB_DONE_FIELDS, RUN_PREDICTION, clear_run_pending, job_done_channel, job_done_message,
+)
 from worker import runtime
 from worker.observability import job_finished, model_loaded
 from worker.serving import ModelInfo, load_model, model_info
@@ -264,7 +265,7 @@ def _pass_on(job_id: uuid.UUID, model_id: str, full: bool) -> None:
         return
     try:
         current_app.send_task(RUN_PREDICTION, args=[str(next_id), model_id], retry=False)
-    except (OSError, redis.RedisError, kombu.exceptions.OperationalError) as exc:  # score what was claimed
+    except BROKER_ERRORS as exc:  # score what was claimed
         log.warning("could not pass the model's message on; the reconciler enqueues its jobs",
                     extra={"model_id": model_id, "error": str(exc)})
 
