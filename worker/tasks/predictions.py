@@ -51,6 +51,9 @@ class ClaimedJob:
 _CLAIMED = "j.id, j.model_version_id, j.instances, j.attempts, j.queue_ms, j.request_id"
 _START = """status = 'running', attempts = j.attempts + 1, started_at = clock_timestamp(), worker = :worker,
             queue_ms = extract(epoch FROM clock_timestamp() - j.created_at) * 1000"""
+# Queued jobs of the message's job's model (whatever that job's own status).
+_QUEUED_OF_ITS_MODEL = """status = 'queued'
+          AND model_version_id = (SELECT model_version_id FROM prediction_jobs WHERE id = :job_id)"""
 # This job if still queued, plus the oldest queued jobs of its model that no one else is claiming, also when
 # the job itself was taken: jobs submitted while this message waited rely on it (web/api/jobs.py: _enqueue).
 CLAIM_WITH_PEERS = text(f"""
@@ -59,18 +62,15 @@ CLAIM_WITH_PEERS = text(f"""
         FOR UPDATE SKIP LOCKED
     ), peers AS (
         SELECT p.id FROM prediction_jobs p
-        WHERE p.model_version_id = (SELECT model_version_id FROM prediction_jobs WHERE id = :job_id)
-          AND p.status = 'queued' AND p.id <> :job_id ORDER BY p.created_at LIMIT :peers
+        WHERE {_QUEUED_OF_ITS_MODEL} AND p.id <> :job_id ORDER BY p.created_at LIMIT :peers
         FOR UPDATE OF p SKIP LOCKED
     )
     UPDATE prediction_jobs j SET {_START}
     WHERE j.id IN (SELECT id FROM target UNION ALL SELECT id FROM peers)
     RETURNING {_CLAIMED}""")
 # The model's oldest queued job, for the next message when this worker scores one job per message.
-OLDEST_QUEUED = text("""
-    SELECT id FROM prediction_jobs
-    WHERE model_version_id = (SELECT model_version_id FROM prediction_jobs WHERE id = :job_id) AND status = 'queued'
-    ORDER BY created_at LIMIT 1""")
+OLDEST_QUEUED = text(f"""
+    SELECT id FROM prediction_jobs WHERE {_QUEUED_OF_ITS_MODEL} ORDER BY created_at LIMIT 1""")
 # Every job a dead process held (its message's job and the peers it was scoring with it).
 TAKE_OVER = text(f"""
     UPDATE prediction_jobs j SET {_START}
