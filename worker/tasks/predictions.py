@@ -51,6 +51,11 @@ class ClaimedJob:
 _CLAIMED = "j.id, j.model_version_id, j.instances, j.attempts, j.queue_ms, j.request_id"
 _START = """status = 'running', attempts = j.attempts + 1, started_at = clock_timestamp(), worker = :worker,
             queue_ms = extract(epoch FROM clock_timestamp() - j.created_at) * 1000"""
+# A claim commits without waiting for its WAL flush (0.5 ms of fsync on the job's path): a claim lost in a
+# PostgreSQL crash leaves its job queued, as if the message had not been taken yet, and any later synchronous
+# commit (its FINISH first of all) flushes it. Outcomes are recorded synchronously: a result is announced only
+# once it is durable.
+_ASYNC_COMMIT = "(SELECT set_config('synchronous_commit', 'off', true)) AS async_commit"
 # Queued jobs of the message's job's model (whatever that job's own status).
 _QUEUED_OF_ITS_MODEL = """status = 'queued'
           AND model_version_id = (SELECT model_version_id FROM prediction_jobs WHERE id = :job_id)"""
@@ -65,7 +70,7 @@ CLAIM_WITH_PEERS = text(f"""
         WHERE {_QUEUED_OF_ITS_MODEL} AND p.id <> :job_id ORDER BY p.created_at LIMIT :peers
         FOR UPDATE OF p SKIP LOCKED
     )
-    UPDATE prediction_jobs j SET {_START}
+    UPDATE prediction_jobs j SET {_START} FROM {_ASYNC_COMMIT}
     WHERE j.id IN (SELECT id FROM target UNION ALL SELECT id FROM peers)
     RETURNING {_CLAIMED}""")
 # The model's oldest queued job, for the next message when this worker scores one job per message.
@@ -73,7 +78,7 @@ OLDEST_QUEUED = text(f"""
     SELECT id FROM prediction_jobs WHERE {_QUEUED_OF_ITS_MODEL} ORDER BY created_at LIMIT 1""")
 # Every job a dead process held (its message's job and the peers it was scoring with it).
 TAKE_OVER = text(f"""
-    UPDATE prediction_jobs j SET {_START}
+    UPDATE prediction_jobs j SET {_START} FROM {_ASYNC_COMMIT}
     WHERE j.status = 'running' AND j.worker = :dead_worker
     RETURNING {_CLAIMED}""")
 # One statement records every outcome; the status and attempt guards make a stale attempt write nothing.
@@ -146,15 +151,30 @@ def build_features(info: ModelInfo, rows: list, model: Any) -> Any:
     return frame
 
 
+# Classifiers whose predict() is the class of highest predict_proba() (trees and forests by definition; logistic
+# regression through a monotone link): one call gives both, 0.25 ms less on a one-row job.
+PREDICT_IS_ARGMAX_PROBA = ("sklearn.linear_model._logistic", "sklearn.tree.", "sklearn.ensemble._forest")
+
+
+def _class_predictions(model: Any, features: Any, probabilities: np.ndarray) -> np.ndarray:
+    """predict(), or the class of highest probability where that is what predict() computes (single output)."""
+    classes = getattr(model, "classes_", None)
+    if (type(model).__module__.startswith(PREDICT_IS_ARGMAX_PROBA) and isinstance(classes, np.ndarray)
+            and classes.ndim == 1 and probabilities.shape == (len(probabilities), len(classes))):
+        return classes.take(probabilities.argmax(axis=1))
+    return np.asarray(model.predict(features))
+
+
 def predict(model: Any, info: ModelInfo, rows: list) -> list[dict]:
     """One result per row: its prediction and, for classifiers, its class probabilities."""
     features = build_features(info, rows, model)
-    predictions = np.asarray(model.predict(features)).tolist()
     if not (info.has_predict_proba and info.task_kind == "classifier"):
-        return [{"predictions": [p]} for p in predictions]
-    probabilities = np.asarray(model.predict_proba(features)).tolist()
+        return [{"predictions": [p]} for p in np.asarray(model.predict(features)).tolist()]
+    probabilities = np.asarray(model.predict_proba(features))
+    predictions = _class_predictions(model, features, probabilities)
     classes = list(info.classes) if info.classes is not None else None
-    return [{"predictions": [p], "probabilities": [q], "classes": classes} for p, q in zip(predictions, probabilities)]
+    return [{"predictions": [p], "probabilities": [q], "classes": classes}
+            for p, q in zip(predictions.tolist(), probabilities.tolist())]
 
 
 def merge(rows: list[dict]) -> dict:
