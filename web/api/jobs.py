@@ -104,8 +104,8 @@ def _existing_for_key(key: str) -> PredictionJob | None:
 
 
 def _guarded_insert() -> Insert:
-    """INSERT INTO prediction_jobs SELECT :values WHERE the model is not archived RETURNING the row, committed
-    with synchronous_commit = :synchronous_commit."""
+    """INSERT INTO prediction_jobs SELECT :values WHERE the model is not archived RETURNING the row but its
+    instances, committed with synchronous_commit = :synchronous_commit."""
     table = PredictionJob.__table__
     columns = ("id", "owner_id", "model_version_id", "status", "instances", "attempts", "idempotency_key",
                "request_id")
@@ -114,7 +114,8 @@ def _guarded_insert() -> Insert:
                                              ModelVersion.status != ModelStatus.archived)
     commit_mode = select(func.set_config("synchronous_commit", bindparam("synchronous_commit", type_=String), True))
     row = select(*values.values()).select_from(commit_mode.subquery()).where(servable.exists())
-    return insert(table).from_select(list(columns), row).returning(*table.c)
+    returned = [column for column in table.c if column.name != "instances"]  # the rows the client just sent
+    return insert(table).from_select(list(columns), row).returning(*returned)
 
 
 GUARDED_INSERT = _guarded_insert()
