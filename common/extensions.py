@@ -9,6 +9,7 @@ from common.models import Base
 
 # a handler serialises what it just committed; expiring it on commit would re-read every row
 db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
+JOB_INSERTS = "job_inserts"  # the bind (engine) of the web's job inserts, on the same database
 migrate = Migrate()
 jwt = JWTManager()
 limiter = Limiter(key_func=get_remote_address, default_limits=[], headers_enabled=True)

@@ -101,3 +101,23 @@ def test_wait_answers_a_job_a_worker_finished_before_its_message_was_published(c
         assert response.status_code == 200 and response.json["status"] == "succeeded", response.json
         assert response.json["result"] == {"predictions": [0]} and response.json["worker"] == "peer:1"
         assert time.monotonic() - started < 2.5  # woken by the announcement, not by the 5 s deadline
+
+
+def test_a_job_submitted_after_postgres_dropped_the_insert_connections_is_inserted_once(client, app, user,
+                                                                                        iris_version):
+    """The job-insert pool skips the pre-ping: a dropped connection fails the insert, which runs again."""
+    from sqlalchemy import text
+
+    from common.extensions import db
+
+    assert submit(client, user["headers"], iris_version["id"], [[5.0, 3.0, 1.5, 0.2]]).status_code == 202
+    with app.app_context(), db.engine.connect() as admin:
+        dropped = admin.execute(text("""
+            SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+            WHERE application_name = 'inferq-web-job-inserts' AND datname = current_database()""")).scalar()
+    assert dropped >= 1
+
+    response = submit(client, user["headers"], iris_version["id"], [[6.0, 3.0, 4.5, 1.5]])
+    assert response.status_code == 202, response.json
+    listed = client.get(f"/api/v1/jobs?model_id={iris_version['id']}", headers=user["headers"]).json
+    assert [job["id"] for job in listed["items"]].count(response.json["id"]) == 1

@@ -10,11 +10,12 @@ from flask import current_app, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from sqlalchemy import Insert, String, bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
-from common.extensions import db
+from common.extensions import JOB_INSERTS, db
 from common.logging import log_context
 from common.models import FINAL_STATUSES, JobStatus, ModelStatus, ModelVersion, PredictionJob
 from common.queues import RUN_PREDICTION, mark_run_pending
@@ -121,6 +122,19 @@ def _guarded_insert() -> Insert:
 GUARDED_INSERT = _guarded_insert()
 
 
+def _run_insert(values: dict) -> Row | None:
+    """The guarded insert on the job-insert pool, which skips the pre-ping (a round trip on every job's path):
+    a pooled connection PostgreSQL dropped fails the statement, which then runs once more on a fresh one. (Had
+    the first run committed before its connection dropped, the second fails on the job's id: _insert_job.)"""
+    for attempt in range(2):
+        try:
+            with db.engines[JOB_INSERTS].connect() as connection:
+                return connection.execute(GUARDED_INSERT, values).first()
+        except DBAPIError as exc:
+            if attempt or not exc.connection_invalidated:
+                raise
+
+
 def _insert_if_servable(job_id: uuid.UUID, model_id: uuid.UUID, rows: list, key: str | None,
                         flush: bool) -> PredictionJob | None:
     """Insert and commit the job row in one statement, only while its model is not archived; the row as
@@ -131,8 +145,7 @@ def _insert_if_servable(job_id: uuid.UUID, model_id: uuid.UUID, rows: list, key:
               "request_id": request_id(), "synchronous_commit": "on" if flush else "off"}
     if db.session().in_transaction():  # a read so far (API key, reference): at most one connection per request
         db.session.commit()
-    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        inserted = connection.execute(GUARDED_INSERT, values).first()
+    inserted = _run_insert(values)
     if inserted is None:
         return None
     job = PredictionJob(**inserted._mapping)
@@ -147,6 +160,8 @@ def _insert_job(job_id: uuid.UUID, model_id: uuid.UUID, rows: list, key: str | N
     try:
         job = _insert_if_servable(job_id, model_id, rows, key, flush)
     except IntegrityError:
+        if (inserted := db.session.get(PredictionJob, job_id)) is not None:  # committed by a first run
+            return inserted, True
         existing = _existing_for_key(key) if key else None
         if existing is None:
             raise
