@@ -12,8 +12,10 @@ from contextlib import contextmanager
 from functools import cache
 from typing import Iterator, TypeVar
 
+import psycopg
 import redis
-from sqlalchemy import Engine, Executable, Row, create_engine
+from psycopg.rows import namedtuple_row
+from sqlalchemy import Engine, TextClause, create_engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -53,11 +55,29 @@ def session() -> Iterator[Session]:
         yield s
 
 
-def execute(statement: Executable, params: dict | None = None) -> list[Row]:
-    """Run one statement (atomic on its own) and return its rows, retrying while PostgreSQL is unreachable."""
-    def run() -> list[Row]:
-        with _autocommit_engine().connect() as connection:
-            return connection.execute(statement, params or {}).all()
+@cache
+def _driver_sql(statement: TextClause) -> str:
+    """A text() statement in psycopg's parameter style (:name becomes %(name)s)."""
+    return str(statement.compile(dialect=_autocommit_engine().dialect))
+
+
+def execute(statement: TextClause, params: dict | None = None) -> list[tuple]:
+    """Run one statement (atomic on its own) and return its rows as named tuples, retrying while PostgreSQL
+    is unreachable. The scoring path's few hand-written statements go to psycopg directly, on a connection
+    of the pool: SQLAlchemy's execution layer cost as much CPU as PostgreSQL's round trip (0.25 ms each)."""
+    sql = _driver_sql(statement)
+
+    def run() -> list[tuple]:
+        connection = _autocommit_engine().raw_connection()
+        try:
+            with connection.driver_connection.cursor(row_factory=namedtuple_row) as cursor:
+                cursor.execute(sql, params or {})
+                return cursor.fetchall() if cursor.description else []
+        except psycopg.OperationalError:
+            connection.invalidate()  # a dropped connection goes; the pool opens a fresh one for the retry
+            raise
+        finally:
+            connection.close()
 
     return with_db_retry(run)
 
@@ -93,14 +113,14 @@ def with_db_retry(operation: Callable[[], T], *, seconds: float = 60.0) -> T:
     while True:
         try:
             return operation()
-        except DBAPIError as exc:
-            if not exc.connection_invalidated and not _is_connection_error(exc) or time.monotonic() > deadline:
+        except (DBAPIError, psycopg.OperationalError) as exc:
+            if not _is_connection_error(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
 
-def _is_connection_error(exc: DBAPIError) -> bool:
-    import psycopg
-
-    return isinstance(exc.orig, psycopg.OperationalError)
+def _is_connection_error(exc: DBAPIError | psycopg.OperationalError) -> bool:
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc.orig, psycopg.OperationalError)
+    return True

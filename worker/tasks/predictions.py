@@ -25,9 +25,9 @@ import pandas as pd
 import redis
 from celery import current_app, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import select, text
+from sqlalchemy import text
 
-from common.models import JobStatus, PredictionJob
+from common.models import JobStatus
 from common.queues import (
     BROKER_ERRORS, JOB_DONE_FIELDS, RUN_PREDICTION, clear_run_pending, job_done_channel, job_done_message,
 )
@@ -81,6 +81,7 @@ TAKE_OVER = text(f"""
     UPDATE prediction_jobs j SET {_START} FROM {_ASYNC_COMMIT}
     WHERE j.status = 'running' AND j.worker = :dead_worker
     RETURNING {_CLAIMED}""")
+HOLDER = text("SELECT status, worker FROM prediction_jobs WHERE id = :job_id")
 # One statement records every outcome; the status and attempt guards make a stale attempt write nothing.
 FINISH = text("""
     UPDATE prediction_jobs j SET status = v.status, result = v.result, error = v.error, cache_hit = v.cache_hit,
@@ -106,8 +107,8 @@ def claim(job_id: uuid.UUID) -> tuple[list[ClaimedJob], bool]:
 
 
 def _holder(job_id: uuid.UUID) -> tuple[JobStatus, str | None] | None:
-    rows = runtime.execute(select(PredictionJob.status, PredictionJob.worker).where(PredictionJob.id == job_id))
-    return (rows[0].status, rows[0].worker) if rows else None
+    rows = runtime.execute(HOLDER, {"job_id": job_id})
+    return (JobStatus(rows[0].status), rows[0].worker) if rows else None
 
 
 def _orphaned(worker: str | None) -> bool:
