@@ -7,6 +7,7 @@ from http import HTTPStatus
 from typing import Any
 
 import marshmallow as ma
+import psycopg
 from apispec import BasePlugin
 from flask import Flask, jsonify
 from flask_smorest import Api
@@ -124,11 +125,13 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
     @app.errorhandler(DataError)
-    def handle_unstorable_value(exc: DataError):
+    @app.errorhandler(psycopg.DataError)  # the job insert speaks psycopg directly (web/api/jobs.py)
+    def handle_unstorable_value(exc: DataError | psycopg.DataError):
         # PostgreSQL refused a value (SQLSTATE class 22): a NUL character, which JSON strings may hold and text
         # columns may not, or a number out of range. The client sent it; the statement's parameters stay unlogged.
         db.session.rollback()
-        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
+        cause = exc.orig if isinstance(exc, DataError) else exc
+        reason = str(cause).splitlines()[0] if cause is not None else "invalid value"
         log.warning("value refused by the database: %s", reason)
         return error_response(422, "unstorable_value", f"A value in the request cannot be stored: {reason}")
 

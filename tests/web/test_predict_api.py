@@ -105,19 +105,44 @@ def test_wait_answers_a_job_a_worker_finished_before_its_message_was_published(c
 
 def test_a_job_submitted_after_postgres_dropped_the_insert_connections_is_inserted_once(client, app, user,
                                                                                         iris_version):
-    """The job-insert pool skips the pre-ping: a dropped connection fails the insert, which runs again."""
+    """The job-insert pool skips the pre-ping: a dropped connection fails the insert, which runs again on a
+    fresh one (as after a PostgreSQL restart, when every pooled connection is gone)."""
     from sqlalchemy import text
 
-    from common.extensions import db
+    from common.extensions import JOB_INSERTS, db
 
     assert submit(client, user["headers"], iris_version["id"], [[5.0, 3.0, 1.5, 0.2]]).status_code == 202
+    with app.app_context():
+        pooled = [db.engines[JOB_INSERTS].raw_connection() for _ in range(3)]
+        for connection in pooled:
+            connection.close()  # back to the pool, open
     with app.app_context(), db.engine.connect() as admin:
         dropped = admin.execute(text("""
             SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
             WHERE application_name = 'inferq-web-job-inserts' AND datname = current_database()""")).scalar()
-    assert dropped >= 1
+    assert dropped >= 3
 
     response = submit(client, user["headers"], iris_version["id"], [[6.0, 3.0, 4.5, 1.5]])
     assert response.status_code == 202, response.json
     listed = client.get(f"/api/v1/jobs?model_id={iris_version['id']}", headers=user["headers"]).json
     assert [job["id"] for job in listed["items"]].count(response.json["id"]) == 1
+
+
+def test_a_value_postgres_cannot_store_is_422_and_no_job(client, user):
+    """A string feature may hold a NUL (valid JSON), which a jsonb column refuses: the client's error, not ours."""
+    import pandas as pd
+    from sklearn.compose import make_column_transformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    frame = pd.DataFrame({"color": ["red", "blue", "red", "green"] * 5, "size": [1.0, 2.0, 3.0, 4.0] * 5})
+    model = make_pipeline(make_column_transformer((OneHotEncoder(handle_unknown="ignore"), ["color"]),
+                                                 remainder="passthrough"), LogisticRegression())
+    version = upload(client, user["headers"], model.fit(frame, [0, 1, 0, 1] * 5), name="colors")
+
+    response = submit(client, user["headers"], version["id"], [{"color": "re\u0000d", "size": 1.0}])
+    assert response.status_code == 422, response.json
+    assert response.json["error"]["code"] == "unstorable_value"
+    listed = client.get(f"/api/v1/jobs?model_id={version['id']}", headers=user["headers"]).json
+    assert listed["total"] == 0

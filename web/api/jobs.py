@@ -3,21 +3,22 @@ from __future__ import annotations
 
 import uuid
 from contextlib import nullcontext
+from datetime import datetime
 
 import marshmallow as ma
+import psycopg
 import redis
 from flask import current_app, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from sqlalchemy import Insert, String, bindparam, func, insert, select, update
-from sqlalchemy.engine import Row
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from psycopg.types.json import Jsonb
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from common.extensions import JOB_INSERTS, db
 from common.logging import log_context
-from common.models import FINAL_STATUSES, JobStatus, ModelStatus, ModelVersion, PredictionJob
+from common.models import FINAL_STATUSES, JobStatus, PredictionJob
 from common.queues import RUN_PREDICTION, mark_run_pending
 from web.errors import ApiError, not_found
 from web.instances import validate_instances
@@ -104,51 +105,54 @@ def _existing_for_key(key: str) -> PredictionJob | None:
         PredictionJob.owner_id == current_user().id, PredictionJob.idempotency_key == key))
 
 
-def _guarded_insert() -> Insert:
-    """INSERT INTO prediction_jobs SELECT :values WHERE the model is not archived RETURNING the row but its
-    instances, committed with synchronous_commit = :synchronous_commit."""
-    table = PredictionJob.__table__
-    columns = ("id", "owner_id", "model_version_id", "status", "instances", "attempts", "idempotency_key",
-               "request_id")
-    values = {name: bindparam(name, type_=table.c[name].type) for name in columns}
-    servable = select(ModelVersion.id).where(ModelVersion.id == values["model_version_id"],
-                                             ModelVersion.status != ModelStatus.archived)
-    commit_mode = select(func.set_config("synchronous_commit", bindparam("synchronous_commit", type_=String), True))
-    row = select(*values.values()).select_from(commit_mode.subquery()).where(servable.exists())
-    returned = [column for column in table.c if column.name != "instances"]  # the rows the client just sent
-    return insert(table).from_select(list(columns), row).returning(*returned)
+# A new job's row, but for what the submit gives it (its instances are left unloaded: the client sent them).
+NEW_JOB = {column.key: None for column in PredictionJob.__table__.c if column.key != "instances"} | {
+    "status": JobStatus.queued, "attempts": 0}
+# The submit's one write, in psycopg's own terms (SQLAlchemy's execution layer cost as much CPU as the round
+# trip): the row goes in only while its model is not archived, committed with the synchronous_commit given.
+INSERT_JOB = """
+    INSERT INTO prediction_jobs (id, owner_id, model_version_id, status, instances, attempts, idempotency_key,
+                                 request_id)
+    SELECT %(id)s, %(owner_id)s, %(model_version_id)s, 'queued', %(instances)s, 0, %(idempotency_key)s,
+           %(request_id)s
+    FROM (SELECT set_config('synchronous_commit', %(synchronous_commit)s, true)) AS commit_mode
+    WHERE EXISTS (SELECT FROM model_versions WHERE id = %(model_version_id)s AND status <> 'archived')
+    RETURNING created_at"""
 
 
-GUARDED_INSERT = _guarded_insert()
-
-
-def _run_insert(values: dict) -> Row | None:
-    """The guarded insert on the job-insert pool, which skips the pre-ping (a round trip on every job's path):
-    a pooled connection PostgreSQL dropped fails the statement, which then runs once more on a fresh one. (Had
-    the first run committed before its connection dropped, the second fails on the job's id: _insert_job.)"""
+def _run_insert(values: dict) -> datetime | None:
+    """The job's created_at once inserted, None if its model cannot serve. On the job-insert pool, which skips
+    the pre-ping (a round trip on every job's path): a pooled connection PostgreSQL dropped fails the statement,
+    which then runs once more on a fresh one, the pool's other connections having been dropped too. (Had the
+    first run committed before its connection dropped, the second fails on the job's id: _insert_job.)"""
+    engine = db.engines[JOB_INSERTS]
     for attempt in range(2):
+        connection = engine.raw_connection()
         try:
-            with db.engines[JOB_INSERTS].connect() as connection:
-                return connection.execute(GUARDED_INSERT, values).first()
-        except DBAPIError as exc:
-            if attempt or not exc.connection_invalidated:
+            row = connection.driver_connection.execute(INSERT_JOB, values).fetchone()
+            return row[0] if row else None
+        except psycopg.OperationalError:
+            connection.invalidate()
+            if attempt:
                 raise
+            engine.dispose()  # a restarted PostgreSQL dropped them all
+        finally:
+            connection.close()
 
 
 def _insert_if_servable(job_id: uuid.UUID, model_id: uuid.UUID, rows: list, key: str | None,
                         flush: bool) -> PredictionJob | None:
-    """Insert and commit the job row in one statement, only while its model is not archived; the row as
-    PostgreSQL returns it, or None when the model cannot serve. Without `flush` the commit does not wait for
-    the WAL to reach disk (see _flushed)."""
-    values = {"id": job_id, "owner_id": current_user().id, "model_version_id": model_id,
-              "status": JobStatus.queued, "instances": rows, "attempts": 0, "idempotency_key": key,
-              "request_id": request_id(), "synchronous_commit": "on" if flush else "off"}
+    """Insert and commit the job row in one statement, only while its model is not archived; the job as
+    committed, or None when the model cannot serve. Without `flush` the commit does not wait for the WAL to
+    reach disk (see _flushed)."""
+    fields = {"id": job_id, "owner_id": current_user().id, "model_version_id": model_id,
+              "idempotency_key": key, "request_id": request_id()}
     if db.session().in_transaction():  # a read so far (API key, reference): at most one connection per request
         db.session.commit()
-    inserted = _run_insert(values)
-    if inserted is None:
+    created_at = _run_insert({**fields, "instances": Jsonb(rows), "synchronous_commit": "on" if flush else "off"})
+    if created_at is None:
         return None
-    job = PredictionJob(**inserted._mapping)
+    job = PredictionJob(**{**NEW_JOB, **fields, "created_at": created_at})
     make_transient_to_detached(job)  # as if loaded: the session can refresh it without writing it again
     db.session.add(job)
     return job
@@ -159,7 +163,7 @@ def _insert_job(job_id: uuid.UUID, model_id: uuid.UUID, rows: list, key: str | N
     """Commit the job row (before any message exists); (job, created)."""
     try:
         job = _insert_if_servable(job_id, model_id, rows, key, flush)
-    except IntegrityError:
+    except psycopg.IntegrityError:
         if (inserted := db.session.get(PredictionJob, job_id)) is not None:  # committed by a first run
             return inserted, True
         existing = _existing_for_key(key) if key else None
