@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from gunicorn import glogging
+
 
 def _metrics_dir() -> Path:
     """PROMETHEUS_MULTIPROC_DIR, else var/metrics/web, else (a read-only checkout, e.g. the image) a temp dir."""
@@ -38,6 +40,17 @@ logconfig_dict = {
         "gunicorn.access": {"level": "WARNING", "handlers": [], "propagate": True},
     },
 }
+
+
+class Logger(glogging.Logger):
+    """gunicorn's logger, without its access line: the app logs each request itself (inferq.web.access), and
+    gunicorn would otherwise format every request's atoms only for the gunicorn.access logger to drop them."""
+
+    def access(self, resp, req, environ, request_time) -> None:
+        pass
+
+
+logger_class = Logger
 
 
 def on_starting(server) -> None:

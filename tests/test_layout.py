@@ -60,3 +60,15 @@ def test_production_refuses_the_default_secret():
     else:
         raise AssertionError("production started with the default secret key")
     assert Settings.from_env({**env, "SECRET_KEY": "s" * 40}).env == "production"
+
+
+def test_rate_limits_are_declared_only_where_the_limiter_looks():
+    """The limiter skips requests outside RATE_LIMITED_BLUEPRINTS (common/extensions.py): a limit declared in
+    another blueprint would never be enforced."""
+    from common.extensions import RATE_LIMITED_BLUEPRINTS
+
+    declaring = [path for path in (ROOT / "web").rglob("*.py") if "@limiter.limit" in path.read_text()]
+    assert declaring
+    for path in declaring:
+        blueprint = re.search(r'Blueprint\("(\w+)"', path.read_text())
+        assert blueprint and blueprint.group(1) in RATE_LIMITED_BLUEPRINTS, path

@@ -7,6 +7,7 @@ from typing import Any
 
 import redis
 from flask import Flask
+from flask.sessions import SessionInterface
 
 from common.config import Settings
 from common.extensions import JOB_INSERTS, db, jwt, limiter, migrate
@@ -26,12 +27,23 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     settings = settings or Settings.from_env(**overrides)
     app = Flask(__name__)
     app.config.from_mapping(flask_config(settings))
+    app.session_interface = NoCookieSession()
     app.extensions["settings"] = settings
     register_extensions(app, settings)
     register_blueprints(app)
     register_error_handlers(app)
     register_observability(app)
     return app
+
+
+class NoCookieSession(SessionInterface):
+    """The API is stateless (bearer tokens and API keys): no session cookie to read and sign on every request."""
+
+    def open_session(self, app: Flask, request: Any) -> None:
+        return None  # Flask then gives the request a NullSession, which refuses writes
+
+    def save_session(self, app: Flask, session: Any, response: Any) -> None:
+        pass
 
 
 def flask_config(settings: Settings) -> dict[str, Any]:

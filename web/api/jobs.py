@@ -153,8 +153,7 @@ def _insert_if_servable(job_id: uuid.UUID, model_id: uuid.UUID, rows: list, key:
     if created_at is None:
         return None
     job = PredictionJob(**{**NEW_JOB, **fields, "created_at": created_at})
-    make_transient_to_detached(job)  # as if loaded: the session can refresh it without writing it again
-    db.session.add(job)
+    make_transient_to_detached(job)  # as if loaded: a session can refresh it (_await_end) without writing it again
     return job
 
 
@@ -189,6 +188,8 @@ def _wait_seconds(asked: float) -> float:
 
 def _await_end(job: PredictionJob, watch: Watch, seconds: float, check_first: bool) -> PredictionJob:
     def finished() -> bool:
+        if job not in db.session:  # a job just inserted is detached until it must be read back
+            db.session.add(job)
         db.session.refresh(job)
         db.session.commit()  # end the read: a waiting request holds no database connection
         return job.status in FINAL_STATUSES
