@@ -1,6 +1,7 @@
 """Worker wiring for JSON logs and metrics, through Celery's signals.
 
-- every process logs JSON (`setup_logging` replaces Celery's own log set-up);
+- every process logs JSON (`setup_logging` replaces Celery's own log set-up), without Celery's per-task
+  lines for prediction jobs (each job's own line says more);
 - the worker's main process picks its metrics directory and serves the metrics (`celeryd_init`);
 - each task's log lines carry its job, model, user and the request id of the submit that created it;
 - each task's run time, and the model cache's counts, are recorded after it runs.
@@ -34,16 +35,37 @@ def _level(loglevel: int | str | None) -> str:
     return logging.getLevelName(loglevel) if isinstance(loglevel, int) else str(loglevel or "INFO").upper()
 
 
+class _WithoutPredictionTaskLines(logging.Filter):
+    """Drops Celery's own INFO lines for each prediction task ("received", "succeeded"): the job's "job finished"
+    line says more (its job, model, user, timings) and each line cost as much CPU as scoring a job. Batch and
+    maintenance tasks keep theirs; warnings and errors always pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and isinstance(record.args, dict)
+                    and record.args.get("name") == RUN_PREDICTION)
+
+
+CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+def _configure_logging(level: str) -> None:
+    configure_logging(level, "worker")
+    for name in CELERY_TASK_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _WithoutPredictionTaskLines) for f in logger.filters):
+            logger.addFilter(_WithoutPredictionTaskLines())
+
+
 @setup_logging.connect
 def _json_logs(loglevel: int | str | None = None, **_kwargs: Any) -> None:
-    configure_logging(_level(loglevel), "worker")
+    _configure_logging(_level(loglevel))
 
 
 @celeryd_init.connect
 def _worker_starting(sender: str | None = None, instance: Any = None, options: dict | None = None,
                      **_kwargs: Any) -> None:
     """JSON from the first line (no banner, warnings as log records); metrics directory and exporter."""
-    configure_logging(_level((options or {}).get("loglevel")), "worker")
+    _configure_logging(_level((options or {}).get("loglevel")))
     if instance is not None:
         instance.quiet = True  # the banner is multi-line text; "ready" and the exporter line say the same
     settings = runtime.settings()

@@ -70,6 +70,8 @@ def test_full_flow_logs_json_lines_with_request_ids_and_no_secrets(app, live_ser
     for job, request_id in ((tagged.json(), flow["sent_id"]), (untagged.json(), generated)):
         lines = [r for r in records if r.get("job_id") == job["id"]]
         assert any(r["message"] == "job finished" and r["status"] == "succeeded" for r in lines)
+        # Celery's own "received" and "succeeded" lines for the task would only repeat it
+        assert not [r for r in records if r["logger"].startswith("celery.") and job["id"] in json.dumps(r)]
         assert all(r["request_id"] == request_id and r["user_id"] == flow["user_id"]
                    and r["model_id"] == flow["model_id"] for r in lines)
 
