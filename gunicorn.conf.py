@@ -43,11 +43,11 @@ logconfig_dict = {
 
 
 class Logger(glogging.Logger):
-    """gunicorn's logger, without its access line: the app logs each request itself (inferq.web.access), and
-    gunicorn would otherwise format every request's atoms only for the gunicorn.access logger to drop them."""
+    """gunicorn's logger, without its access line."""
 
     def access(self, resp, req, environ, request_time) -> None:
-        pass
+        """Nothing: the app logs each request itself (inferq.web.access), and gunicorn would otherwise format
+        every request's atoms only for the gunicorn.access logger to drop them."""
 
 
 logger_class = Logger

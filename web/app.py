@@ -43,7 +43,7 @@ class NoCookieSession(SessionInterface):
         return None  # Flask then gives the request a NullSession, which refuses writes
 
     def save_session(self, app: Flask, session: Any, response: Any) -> None:
-        pass
+        """Nothing to save (Flask does not call it for a NullSession)."""
 
 
 def flask_config(settings: Settings) -> dict[str, Any]:

@@ -64,12 +64,13 @@ def _record(response: Response) -> Response:
     metrics.record_request(request.method, route, response.status_code, seconds)
     level = logging.DEBUG if route in QUIET_ROUTES else logging.INFO
     if access_log.isEnabledFor(level):
+        # written once the server has sent the response and closes it (the client does not wait for the line),
+        # when the request context is gone: its request id and user are given here
         fields = {"method": request.method, "path": request.path, "route": route, "status": response.status_code,
                   "duration_ms": round(seconds * 1000, 3), "remote_addr": request.remote_addr,
                   "bytes": response.content_length, "request_id": request_id()}
-        if user_id := _user_id():  # the request context is gone by then
+        if user_id := _user_id():
             fields["user_id"] = user_id
-        # written once the server has sent the response and closes it: the client does not wait for the line
         response.call_on_close(lambda: access_log.log(level, "request", extra=fields))
     return response
 
