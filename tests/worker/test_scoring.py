@@ -32,7 +32,7 @@ def test_predictions_are_the_models_own_and_probabilities_its_predict_proba(esti
     X, y = make_classification(n_samples=400, n_features=8, n_informative=5, n_classes=n_classes, random_state=3)
     labels = np.array(["ant", "bee", "cat", "dog"])[y]
     model = estimator.fit(X[:300], labels[:300])
-    rows = np.vstack([X[300:], np.zeros((1, 8))])  # and a row on the decision boundary's side of zero
+    rows = np.vstack([X[300:], np.zeros((1, 8))])  # and an all-zero row
 
     results = predict(model, _info(model), rows.tolist())
 
