@@ -22,7 +22,8 @@ import joblib
 import numpy as np
 import psutil
 
-from bench.run import BENCH_DB, BENCH_REDIS_DB, batch_data, job_throughput, warm_up
+from bench.run import (BENCH_DB, BENCH_REDIS_DB, batch_data, job_throughput, start_client_server, start_noop_workers,
+                       warm_noop_workers, warm_up)
 from bench.stack import ROOT, Client, Stack, own_services, reset_dir
 
 
@@ -42,7 +43,13 @@ def _groups(stack: Stack) -> dict[str, list[psutil.Process]]:
         "worker_main": [psutil.Process(w.proc.pid) for w in workers],
         "worker_children": [c for w in workers for c in w.children()],
         "postgres_backends": _postgres_backends(BENCH_DB),
+        "redis": [p for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"],
     }
+
+
+def _machine_cpu() -> float:
+    t = psutil.cpu_times()
+    return t.user + t.system + getattr(t, "softirq", 0.0) + getattr(t, "irq", 0.0)
 
 
 def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
@@ -59,9 +66,11 @@ def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
 def cpu_per_job(stack: Stack, client: Client, model, model_id: str, seconds: float) -> dict:
     groups = _groups(stack)
     before = {g: _cpu(p) for g, p in groups.items()}
+    machine = _machine_cpu()
     wall = time.perf_counter()
     result = job_throughput(client, model, model_id, seconds)
     wall = time.perf_counter() - wall
+    machine = _machine_cpu() - machine
     groups_after = _groups(stack)  # postgres backends may have come and gone
     report = {"jobs_per_s": result["jobs_per_s"], "completed": result["completed"], "wrong": result["wrong_results"]}
     jobs = max(result["completed"], 1)
@@ -69,8 +78,20 @@ def cpu_per_job(stack: Stack, client: Client, model, model_id: str, seconds: flo
         after = _cpu(procs)
         used = sum(after[pid] - before[g].get(pid, 0.0) for pid in after)
         report[f"{g}_cpu_ms_per_job"] = round(used / jobs * 1e3, 2)
-    report["machine_loadavg"] = os.getloadavg()
+    report["machine_cpu_ms_per_job"] = round(machine / jobs * 1e3, 2)
+    report["machine_busy"] = round(machine / wall / os.cpu_count(), 2)
     return report
+
+
+def cpu_per_noop(seconds: float) -> dict:
+    """The bare Celery floor's 8 clients: tasks/s and the whole machine's CPU per task."""
+    from bench.run import CLIENTS, _noop_client, run_clients
+
+    machine, wall = _machine_cpu(), time.perf_counter()
+    done = sum(len(x) for x in run_clients(_noop_client, [()] * CLIENTS, seconds))
+    machine, wall = _machine_cpu() - machine, time.perf_counter() - wall
+    return {"tasks_per_s": round(done / seconds, 1), "machine_cpu_ms_per_task": round(machine / done * 1e3, 2),
+            "machine_busy": round(machine / wall / os.cpu_count(), 2)}
 
 
 def spy(pids: list[int], seconds: float, out_dir: Path, label: str) -> list[subprocess.Popen]:
@@ -79,7 +100,7 @@ def spy(pids: list[int], seconds: float, out_dir: Path, label: str) -> list[subp
         out = out_dir / f"{label}-{pid}.txt"
         procs.append(subprocess.Popen(
             [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration", str(int(seconds)),
-             "--rate", "250", "--format", "raw", "--output", str(out), "--nonblocking"],
+             "--rate", "250", "--gil", "--format", "raw", "--output", str(out), "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return procs
 
@@ -135,14 +156,24 @@ def main(argv: list[str] | None = None) -> int:
     csv_path, model_path = batch_data(100_000)
     model = joblib.load(model_path)
     database_url, redis_url = own_services(BENCH_DB, BENCH_REDIS_DB)
+    start_client_server()
     out_dir = reset_dir(ROOT / "var" / "bench-profile")
     stack = Stack(out_dir / "stack", database_url, redis_url, concurrency=args.concurrency,
                   env_overrides={"BENCH_PROFILE_DIR": str(out_dir)})
     if args.pyinstrument:
         stack.web_app, stack.worker_app = "bench.profiled:web_app()", "bench.profiled"
         stack.env_overrides["BENCH_PROFILE_WORKER"] = "1"
+    stack.log_dir.mkdir(parents=True, exist_ok=True)
+    noop_workers = []
     try:
+        noop_workers = start_noop_workers(stack, args.concurrency)
         stack.start()
+        warm_noop_workers(noop_workers)
+        print("the bare Celery floor, 8 clients:")
+        for k, v in cpu_per_noop(args.seconds).items():
+            print(f"  {k}: {v}")
+        while noop_workers:
+            noop_workers.pop().stop()
         client = Client(stack.url).register()
         version = client.upload_model(open(model_path, "rb").read(), "model.joblib", "bench-lr")
         rows = np.round(np.random.default_rng(5).standard_normal((100, 30)), 3)
@@ -171,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name, p in s["self_pct"][:12]:
                     print(f"  {p:5.1f}  {name}")
     finally:
+        while noop_workers:
+            noop_workers.pop().stop()
         stack.stop()
     return 0
 

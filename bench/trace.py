@@ -1,0 +1,247 @@
+"""Where a sequential `?wait` job's time goes, hop by hop, without touching web/ or worker/.
+
+    python -m bench.trace [--jobs 400] [--concurrency 2]
+
+Brings up the bench's stack with its web and worker apps wrapped (`web_app()` here, and `-A bench.trace` for
+the workers) so that each process appends `job_id stage nanoseconds` to $BENCH_TRACE_DIR/<pid>.txt at fixed
+points of a job's path; the client stamps its send and its answer. Prints each hop's p50 over the jobs.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+STAGES = [
+    ("client_send", "client sends"),
+    ("web_start", "WSGI app called"),
+    ("web_insert", "arguments, auth, validation"),
+    ("web_inserted", "INSERT"),
+    ("web_published", "publish"),
+    ("main_received", "Redis -> worker main"),
+    ("main_applied", "worker main: request -> pool"),
+    ("child_got", "pool -> child"),
+    ("child_start", "child: trace setup, prerun"),
+    ("child_claimed", "claim"),
+    ("child_scored", "model lookup + predict"),
+    ("child_finished", "FINISH"),
+    ("child_announced", "announce"),
+    ("web_woken", "announcement -> web thread"),
+    ("web_end", "serialize, log, return"),
+    ("client_answer", "response -> client"),
+]
+
+_local = threading.local()
+_out: dict = {}
+
+
+def stamp(job_id, stage: str, ns: int | None = None) -> None:
+    if (f := _out.get(os.getpid())) is None:
+        directory = Path(os.environ.get("BENCH_TRACE_DIR", "var/bench-trace"))
+        f = _out[os.getpid()] = open(directory / f"{os.getpid()}.txt", "a", buffering=1)
+    f.write(f"{job_id} {stage} {ns or time.time_ns()}\n")
+
+
+def _after(module, name: str, stage: str, job_of=lambda args, result: args[0]) -> None:
+    inner = getattr(module, name)
+
+    @functools.wraps(inner)
+    def wrapper(*args, **kwargs):
+        result = inner(*args, **kwargs)
+        stamp(job_of(args, result), stage)
+        return result
+
+    setattr(module, name, wrapper)
+
+
+def web_app():
+    from web.api import jobs
+    from web.app import create_app
+
+    app = create_app()
+    inner_wsgi = app.wsgi_app
+
+    import cProfile
+    prof = {"n": 0, "p": cProfile.Profile()}
+
+    def traced(environ, start_response):
+        _local.started, _local.job = time.time_ns(), None
+        profiling = os.environ.get("BENCH_TRACE_CPROFILE") and environ["PATH_INFO"].startswith("/api/v1/predict")
+        if profiling:
+            prof["n"] += 1
+            prof["p"].enable()
+        try:
+            return inner_wsgi(environ, start_response)
+        finally:
+            if profiling:
+                prof["p"].disable()
+                if prof["n"] % 50 == 0:
+                    prof["p"].dump_stats(os.path.join(os.environ["BENCH_TRACE_DIR"], f"web-{os.getpid()}.prof"))
+            if _local.job:
+                stamp(_local.job, "web_end")
+
+    inner_insert = jobs._insert_if_servable
+
+    def insert(job_id, *args, **kwargs):
+        _local.job = job_id
+        stamp(job_id, "web_start", _local.started)
+        stamp(job_id, "web_insert")
+        job = inner_insert(job_id, *args, **kwargs)
+        stamp(job_id, "web_inserted")
+        return job
+
+    jobs._insert_if_servable = insert
+    _after(jobs, "_enqueue", "web_published", lambda args, _: args[0].id)
+    inner_await = jobs._await_end
+
+    def await_end(job, *args, **kwargs):
+        result = inner_await(job, *args, **kwargs)
+        stamp(job.id, "web_woken")
+        return result
+
+    jobs._await_end = await_end
+    app.wsgi_app = traced
+    return app
+
+
+def _worker_app():
+    from celery.signals import task_prerun, task_received, worker_process_init
+
+    from worker.celery_app import app
+    from worker.tasks import predictions
+
+    import json
+
+    import celery.app.trace
+    from celery.concurrency.asynpool import AsynPool
+
+    inner_apply = AsynPool.apply_async
+
+    def apply_async(self, func, args=(), *a, **kw):
+        stamp(json.loads(args[3])[0][0], "main_applied")
+        return inner_apply(self, func, args, *a, **kw)
+
+    AsynPool.apply_async = apply_async
+    inner_trace = celery.app.trace.fast_trace_task
+
+    import cProfile
+    prof = {"n": 0, "p": cProfile.Profile()}
+
+    def fast_trace_task(task, uuid, request, body, *a, **kw):
+        stamp(json.loads(body)[0][0], "child_got")
+        if os.environ.get("BENCH_TRACE_CPROFILE"):
+            prof["n"] += 1
+            prof["p"].enable()
+            try:
+                return inner_trace(task, uuid, request, body, *a, **kw)
+            finally:
+                prof["p"].disable()
+                if prof["n"] % 50 == 0:
+                    prof["p"].dump_stats(os.path.join(os.environ["BENCH_TRACE_DIR"], f"child-{os.getpid()}.prof"))
+        return inner_trace(task, uuid, request, body, *a, **kw)
+
+    @worker_process_init.connect(weak=False)
+    def in_child(**_kw):  # the main pickles the original by name; the child resolves that name to this
+        celery.app.trace.fast_trace_task = fast_trace_task
+
+    @task_received.connect(weak=False)
+    def received(request=None, **_kw):
+        stamp(request.args[0], "main_received")
+
+    @task_prerun.connect(weak=False)
+    def prerun(args=None, **_kw):
+        stamp(args[0], "child_start")
+
+
+    _after(predictions, "claim", "child_claimed")
+    _after(predictions, "score", "child_scored", lambda args, _: args[0][0].id)
+    inner_execute = predictions.runtime.execute
+
+    def execute(statement, params=None, *a, **kw):
+        rows = inner_execute(statement, params, *a, **kw)
+        if statement is predictions.FINISH:
+            for row in rows:
+                stamp(row.id, "child_finished")
+        return rows
+
+    predictions.runtime.execute = execute
+    _after(predictions, "finish", "child_announced", lambda args, _: args[0][0][0].id)
+    return app
+
+
+app = _worker_app() if os.environ.get("BENCH_TRACE_WORKER") and "celery" in sys.argv[0] else None
+
+
+def read(directory: Path) -> dict[str, dict[str, int]]:
+    jobs: dict[str, dict[str, int]] = defaultdict(dict)
+    for path in directory.glob("*.txt"):
+        for line in path.read_text().splitlines():
+            job, stage, ns = line.split()
+            jobs[job].setdefault(stage, int(ns))  # the first: a job's own, not a duplicate's
+    return jobs
+
+
+def report(jobs: dict[str, dict[str, int]]) -> None:
+    names = [name for name, _ in STAGES]
+    complete = [s for s in jobs.values() if all(n in s for n in names)]
+    print(f"{len(complete)} of {len(jobs)} jobs with every stage; p50 of each hop (ms):")
+    total = 0.0
+    for (prev, _), (name, label) in zip(STAGES, STAGES[1:]):
+        p50 = statistics.median((s[name] - s[prev]) / 1e6 for s in complete)
+        total += p50
+        print(f"  {label:<34} {p50:6.3f}")
+    end_to_end = statistics.median((s["client_answer"] - s["client_send"]) / 1e6 for s in complete)
+    print(f"  {'sum of p50s':<34} {total:6.3f}\n  {'end to end p50':<34} {end_to_end:6.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import joblib
+    import numpy as np
+
+    from bench.run import BENCH_DB, BENCH_REDIS_DB, batch_data, warm_up
+    from bench.stack import ROOT, Client, JsonConnection, Stack, own_services, reset_dir
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=2)
+    args = parser.parse_args(argv)
+    _, model_path = batch_data(100_000)
+    database_url, redis_url = own_services(BENCH_DB, BENCH_REDIS_DB)
+    out_dir = reset_dir(ROOT / "var" / "bench-trace")
+    os.environ["BENCH_TRACE_DIR"] = str(out_dir)
+    stack = Stack(out_dir / "stack", database_url, redis_url, concurrency=args.concurrency,
+                  env_overrides={"BENCH_TRACE_DIR": str(out_dir), "BENCH_TRACE_WORKER": "1"})
+    stack.web_app, stack.worker_app = "bench.trace:web_app()", "bench.trace"
+    try:
+        stack.start()
+        client = Client(stack.url).register()
+        version = client.upload_model(open(model_path, "rb").read(), "model.joblib", "bench-lr")
+        rows = np.round(np.random.default_rng(5).standard_normal((args.jobs, 30)), 3)
+        warm_up(stack, client, version["id"], rows)
+        http = JsonConnection(client.base, client.token, timeout=30)
+        url = f"/api/v1/predict/{version['id']}?wait=10"
+        sent = []
+        for row in rows.tolist():
+            started = time.time_ns()
+            status, job = http.post(url, {"instances": [row]})
+            answered = time.time_ns()
+            assert status == 200 and job["status"] == "succeeded", job
+            sent.append((job["id"], started, answered))
+        time.sleep(0.5)
+        jobs = read(out_dir)
+        for job_id, started, answered in sent:
+            jobs[job_id].update(client_send=started, client_answer=answered)
+        report({job_id: jobs[job_id] for job_id, _, _ in sent})
+    finally:
+        stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
