@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import statistics
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 STAGES = [
@@ -31,8 +32,7 @@ STAGES = [
     ("child_claimed", "claim"),
     ("child_scored", "model lookup + predict"),
     ("child_finished", "FINISH"),
-    ("child_announced", "announce"),
-    ("web_woken", "announcement -> web thread"),
+    ("web_woken", "announce -> waiting web thread"),
     ("web_end", "serialize, log, return"),
     ("client_answer", "response -> client"),
 ]
@@ -67,22 +67,11 @@ def web_app():
     app = create_app()
     inner_wsgi = app.wsgi_app
 
-    import cProfile
-    prof = {"n": 0, "p": cProfile.Profile()}
-
     def traced(environ, start_response):
         _local.started, _local.job = time.time_ns(), None
-        profiling = os.environ.get("BENCH_TRACE_CPROFILE") and environ["PATH_INFO"].startswith("/api/v1/predict")
-        if profiling:
-            prof["n"] += 1
-            prof["p"].enable()
         try:
             return inner_wsgi(environ, start_response)
         finally:
-            if profiling:
-                prof["p"].disable()
-                if prof["n"] % 50 == 0:
-                    prof["p"].dump_stats(os.path.join(os.environ["BENCH_TRACE_DIR"], f"web-{os.getpid()}.prof"))
             if _local.job:
                 stamp(_local.job, "web_end")
 
@@ -98,6 +87,7 @@ def web_app():
 
     jobs._insert_if_servable = insert
     _after(jobs, "_enqueue", "web_published", lambda args, _: args[0].id)
+    _after(jobs, "publish", "web_sent_message", lambda args, _: args[1])
     inner_await = jobs._await_end
 
     def await_end(job, *args, **kwargs):
@@ -111,15 +101,12 @@ def web_app():
 
 
 def _worker_app():
+    import celery.app.trace
+    from celery.concurrency.asynpool import AsynPool
     from celery.signals import task_prerun, task_received, worker_process_init
 
     from worker.celery_app import app
     from worker.tasks import predictions
-
-    import json
-
-    import celery.app.trace
-    from celery.concurrency.asynpool import AsynPool
 
     inner_apply = AsynPool.apply_async
 
@@ -130,20 +117,8 @@ def _worker_app():
     AsynPool.apply_async = apply_async
     inner_trace = celery.app.trace.fast_trace_task
 
-    import cProfile
-    prof = {"n": 0, "p": cProfile.Profile()}
-
     def fast_trace_task(task, uuid, request, body, *a, **kw):
         stamp(json.loads(body)[0][0], "child_got")
-        if os.environ.get("BENCH_TRACE_CPROFILE"):
-            prof["n"] += 1
-            prof["p"].enable()
-            try:
-                return inner_trace(task, uuid, request, body, *a, **kw)
-            finally:
-                prof["p"].disable()
-                if prof["n"] % 50 == 0:
-                    prof["p"].dump_stats(os.path.join(os.environ["BENCH_TRACE_DIR"], f"child-{os.getpid()}.prof"))
         return inner_trace(task, uuid, request, body, *a, **kw)
 
     @worker_process_init.connect(weak=False)
@@ -158,9 +133,22 @@ def _worker_app():
     def prerun(args=None, **_kw):
         stamp(args[0], "child_start")
 
+    inner_claim, inner_score = predictions.claim, predictions.score
 
-    _after(predictions, "claim", "child_claimed")
-    _after(predictions, "score", "child_scored", lambda args, _: args[0][0].id)
+    def claim(job_id):
+        jobs, full = inner_claim(job_id)
+        for job in jobs:
+            stamp(job.id, "child_claimed")
+            stamp(job.id, f"batch_of_{len(jobs)}" if job.id == job_id else "claimed_as_peer")
+        return jobs, full
+
+    def score(jobs, *args, **kwargs):
+        outcomes = inner_score(jobs, *args, **kwargs)
+        for job in jobs:
+            stamp(job.id, "child_scored")
+        return outcomes
+
+    predictions.claim, predictions.score = claim, score
     inner_execute = predictions.runtime.execute
 
     def execute(statement, params=None, *a, **kw):
@@ -171,7 +159,6 @@ def _worker_app():
         return rows
 
     predictions.runtime.execute = execute
-    _after(predictions, "finish", "child_announced", lambda args, _: args[0][0][0].id)
     return app
 
 
@@ -200,16 +187,53 @@ def report(jobs: dict[str, dict[str, int]]) -> None:
     print(f"  {'sum of p50s':<34} {total:6.3f}\n  {'end to end p50':<34} {end_to_end:6.3f}")
 
 
+LOAD_STAGES = [("client_send", ""), ("web_start", "client -> WSGI app"), ("web_inserted", "auth, validation, INSERT"),
+               ("web_published", "publish (or rely on the model's waiting message)"),
+               ("child_claimed", "queued until claimed"), ("child_scored", "model lookup + predict"),
+               ("child_finished", "FINISH"), ("web_woken", "announce -> waiting web thread"),
+               ("web_end", "serialize, log, return"), ("client_answer", "response -> client")]
+
+
+def _load_client(base: str, token: str, model_id: str, rows: list, go, seconds: float, queue) -> None:
+    from bench.stack import JsonConnection
+
+    http = JsonConnection(base, token, timeout=30)
+    queue.put("ready")
+    go.wait()
+    deadline, sent, i = time.perf_counter() + seconds, [], 0
+    while time.perf_counter() < deadline:
+        started = time.time_ns()
+        status, job = http.post(f"/api/v1/predict/{model_id}?wait=10", {"instances": [rows[i % len(rows)]]})
+        sent.append((job["id"], started, time.time_ns()))
+        i += 1
+    queue.put(sent)
+
+
+def load_report(jobs: dict[str, dict[str, int]], seconds: float) -> None:
+    names = [name for name, _ in LOAD_STAGES]
+    complete = [s for s in jobs.values() if all(n in s for n in names)]
+    print(f"{len(jobs) / seconds:.0f} jobs/s; {len(complete)} of {len(jobs)} jobs with every stage; "
+          f"{sum('web_sent_message' in s for s in jobs.values())} sent a message, "
+          f"{sum('claimed_as_peer' in s for s in jobs.values())} were claimed as a peer; batches (jobs: count): "
+          f"{dict(sorted(Counter(int(k[9:]) for s in jobs.values() for k in s if k.startswith('batch_of_')).items()))}")
+    print(f"  {'hop':<50} {'p50':>7} {'mean':>7} (ms)")
+    for (prev, _), (name, label) in zip(LOAD_STAGES, LOAD_STAGES[1:]):
+        values = [(s[name] - s[prev]) / 1e6 for s in complete]
+        print(f"  {label:<50} {statistics.median(values):7.3f} {statistics.fmean(values):7.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     import joblib
     import numpy as np
 
-    from bench.run import BENCH_DB, BENCH_REDIS_DB, batch_data, warm_up
+    from bench.run import BENCH_DB, BENCH_REDIS_DB, batch_data, run_clients, start_client_server, warm_up
     from bench.stack import ROOT, Client, JsonConnection, Stack, own_services, reset_dir
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=0, help="instead of sequential jobs: N clients for --seconds")
+    parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args(argv)
     _, model_path = batch_data(100_000)
     database_url, redis_url = own_services(BENCH_DB, BENCH_REDIS_DB)
@@ -224,6 +248,16 @@ def main(argv: list[str] | None = None) -> int:
         version = client.upload_model(open(model_path, "rb").read(), "model.joblib", "bench-lr")
         rows = np.round(np.random.default_rng(5).standard_normal((args.jobs, 30)), 3)
         warm_up(stack, client, version["id"], rows)
+        if args.clients:
+            start_client_server()
+            reports = run_clients(_load_client, [(client.base, client.token, version["id"], rows.tolist())
+                                                 for _ in range(args.clients)], args.seconds)
+            time.sleep(0.5)
+            jobs = read(out_dir)
+            for job_id, started, answered in (sent for report in reports for sent in report):
+                jobs[job_id].update(client_send=started, client_answer=answered)
+            load_report({job_id: jobs[job_id] for report in reports for job_id, _, _ in report}, args.seconds)
+            return 0
         http = JsonConnection(client.base, client.token, timeout=30)
         url = f"/api/v1/predict/{version['id']}?wait=10"
         sent = []
