@@ -2,11 +2,14 @@
 
     python -m bench.profile [--seconds 20] [--concurrency 2]
 
-Brings up the same stack as `make bench` (database inferq_bench, Redis db 10), warms it up, then runs the
-8-client job load twice: once clean, accounting the CPU seconds every process used (web processes, worker
-main processes, pool children, the PostgreSQL backends serving the stack, the clients); once under
-`py-spy record` (web processes and pool children), summarised as the functions with the most samples,
-inclusive, in InferQ's own code and in the libraries. Raw profiles go to var/bench-profile/.
+Brings up the same stack as `make bench` (database inferq_bench, Redis db 10) beside the bare Celery floor's
+no-op workers, and first measures the floor's 8 clients: tasks/s and the whole machine's CPU per task. Then it
+runs the 8-client job load twice: once clean, accounting the CPU seconds each group of processes used (web
+processes, worker main processes, pool children, the PostgreSQL backends serving the stack, the Redis server)
+and the whole machine's (clients and kernel included) per job; once under `py-spy record --gil` (web
+processes and pool children; only the thread holding the GIL is sampled, so samples are CPU), summarised as
+the functions with the most samples, inclusive, in InferQ's own code and in the libraries. Raw profiles go to
+var/bench-profile/.
 """
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ from pathlib import Path
 import joblib
 import numpy as np
 import psutil
+import redis
 
-from bench.run import (BENCH_DB, BENCH_REDIS_DB, batch_data, job_throughput, start_client_server, start_noop_workers,
-                       warm_noop_workers, warm_up)
+from bench.run import (BENCH_DB, BENCH_REDIS_DB, CLIENTS, _noop_client, batch_data, job_throughput, run_clients,
+                       start_client_server, start_noop_workers, warm_noop_workers, warm_up)
 from bench.stack import ROOT, Client, Stack, own_services, reset_dir
 
 
@@ -36,6 +40,12 @@ def _postgres_backends(database: str) -> list[psutil.Process]:
     return found
 
 
+def _redis_server(url: str) -> list[psutil.Process]:
+    port = str(redis.connection.parse_url(url).get("port", 6379))
+    return [p for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] == "redis-server" and f":{port}" in " ".join(p.info["cmdline"] or [])]
+
+
 def _groups(stack: Stack) -> dict[str, list[psutil.Process]]:
     workers = stack.live_workers()
     return {
@@ -43,7 +53,7 @@ def _groups(stack: Stack) -> dict[str, list[psutil.Process]]:
         "worker_main": [psutil.Process(w.proc.pid) for w in workers],
         "worker_children": [c for w in workers for c in w.children()],
         "postgres_backends": _postgres_backends(BENCH_DB),
-        "redis": [p for p in psutil.process_iter(["name"]) if p.info["name"] == "redis-server"],
+        "redis": _redis_server(stack.redis_url),
     }
 
 
@@ -85,8 +95,6 @@ def cpu_per_job(stack: Stack, client: Client, model, model_id: str, seconds: flo
 
 def cpu_per_noop(seconds: float) -> dict:
     """The bare Celery floor's 8 clients: tasks/s and the whole machine's CPU per task."""
-    from bench.run import CLIENTS, _noop_client, run_clients
-
     machine, wall = _machine_cpu(), time.perf_counter()
     done = sum(len(x) for x in run_clients(_noop_client, [()] * CLIENTS, seconds))
     machine, wall = _machine_cpu() - machine, time.perf_counter() - wall

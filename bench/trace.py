@@ -105,20 +105,23 @@ def _worker_app():
     from celery.concurrency.asynpool import AsynPool
     from celery.signals import task_prerun, task_received, worker_process_init
 
+    from common.queues import RUN_PREDICTION
     from worker.celery_app import app
     from worker.tasks import predictions
 
     inner_apply = AsynPool.apply_async
 
     def apply_async(self, func, args=(), *a, **kw):
-        stamp(json.loads(args[3])[0][0], "main_applied")
+        if args[0] == RUN_PREDICTION:  # args: task name, task id, request, body [args, kwargs, embed], ...
+            stamp(json.loads(args[3])[0][0], "main_applied")
         return inner_apply(self, func, args, *a, **kw)
 
     AsynPool.apply_async = apply_async
     inner_trace = celery.app.trace.fast_trace_task
 
     def fast_trace_task(task, uuid, request, body, *a, **kw):
-        stamp(json.loads(body)[0][0], "child_got")
+        if task == RUN_PREDICTION:
+            stamp(json.loads(body)[0][0], "child_got")
         return inner_trace(task, uuid, request, body, *a, **kw)
 
     @worker_process_init.connect(weak=False)
@@ -127,11 +130,13 @@ def _worker_app():
 
     @task_received.connect(weak=False)
     def received(request=None, **_kw):
-        stamp(request.args[0], "main_received")
+        if request.name == RUN_PREDICTION:
+            stamp(request.args[0], "main_received")
 
     @task_prerun.connect(weak=False)
-    def prerun(args=None, **_kw):
-        stamp(args[0], "child_start")
+    def prerun(task=None, args=None, **_kw):
+        if task.name == RUN_PREDICTION:
+            stamp(args[0], "child_start")
 
     inner_claim, inner_score = predictions.claim, predictions.score
 
