@@ -10,7 +10,7 @@ from common.models import Base
 
 # a handler serialises what it just committed; expiring it on commit would re-read every row
 db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
-JOB_INSERTS = "job_inserts"  # the bind (engine) of the web's job inserts, on the same database
+DIRECT_SQL = "direct"  # the bind (engine) of the web's hot-path statements, on the same database (web/direct_sql.py)
 migrate = Migrate()
 jwt = JWTManager()
 limiter = Limiter(key_func=get_remote_address, default_limits=[], headers_enabled=True)

@@ -10,7 +10,7 @@ from flask import Flask
 from flask.sessions import SessionInterface
 
 from common.config import Settings
-from common.extensions import JOB_INSERTS, db, jwt, limiter, migrate
+from common.extensions import DIRECT_SQL, db, jwt, limiter, migrate
 from common.queues import create_celery
 from common.storage import ArtifactStore
 from web.errors import InferQApi, register_error_handlers
@@ -51,10 +51,10 @@ def flask_config(settings: Settings) -> dict[str, Any]:
         "SECRET_KEY": settings.secret_key,
         "SQLALCHEMY_DATABASE_URI": settings.database_url,
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True, "hide_parameters": True},  # no payload in logged SQL errors
-        # the job insert's own pool: autocommit and no pre-ping round trip (web/api/jobs.py: _run_insert)
-        "SQLALCHEMY_BINDS": {JOB_INSERTS: {"url": settings.database_url, "isolation_level": "AUTOCOMMIT",
-                                           "hide_parameters": True,
-                                           "connect_args": {"application_name": "inferq-web-job-inserts"}}},
+        # the hot path's own pool: autocommit and no pre-ping round trip (web/direct_sql.py)
+        "SQLALCHEMY_BINDS": {DIRECT_SQL: {"url": settings.database_url, "isolation_level": "AUTOCOMMIT",
+                                          "hide_parameters": True,
+                                          "connect_args": {"application_name": "inferq-web-direct"}}},
         "MAX_CONTENT_LENGTH": settings.max_json_bytes,
         "JWT_SECRET_KEY": settings.secret_key,
         "JWT_ACCESS_TOKEN_EXPIRES": timedelta(minutes=settings.access_token_minutes),

@@ -13,7 +13,7 @@ from datetime import timedelta
 from functools import wraps
 from typing import Any
 
-import redis
+import psycopg
 from flask import Flask, current_app, g, request
 from flask_jwt_extended import get_jwt, get_jwt_header, verify_jwt_in_request
 from flask_jwt_extended.exceptions import RevokedTokenError
@@ -22,19 +22,18 @@ from sqlalchemy import select, update
 
 from common.extensions import db, jwt
 from common.models import ApiKey, utcnow
+from web.direct_sql import fetch_one
 from web.errors import ApiError, error_response
 
 API_KEY_HEADER = "X-API-Key"
 API_KEY_PREFIX_LEN = 12
 SECURITY = [{"bearerAuth": []}, {"apiKey": []}]
-BLOCKLIST_PREFIX = "inferq:revoked:"
-FAMILY_PREFIX = "inferq:revoked-family:"
+# Every token of one login carries its family (the `fam` claim). Logging out, or presenting a spent refresh token,
+# marks the family's refresh tokens revoked in PostgreSQL, and with them every token of the family: a revocation
+# outlives a Redis restart (Redis holds only messages and wake-ups).
+FAMILY_REVOKED = "SELECT EXISTS (SELECT FROM refresh_tokens WHERE family_id = %s AND revoked_at IS NOT NULL)"
 # last_used_at is kept to the minute, so a busy key does not write on every request
 LAST_USED_RESOLUTION = timedelta(minutes=1)
-
-
-def redis_client() -> redis.Redis:
-    return current_app.extensions["redis"]
 
 
 @dataclass(frozen=True)
@@ -141,27 +140,23 @@ def auth_required(fn: Callable) -> Callable:
     return wrapper
 
 
-def revoke_token(jti: str, expires_in: timedelta) -> None:
-    """Put a token's id on the Redis blocklist until the token would expire anyway."""
-    seconds = max(int(expires_in.total_seconds()), 1)
-    redis_client().set(BLOCKLIST_PREFIX + jti, "1", ex=seconds)
-
-
 def is_revoked(payload: dict) -> bool:
-    """Whether the token, or the refresh family it belongs to, is on the Redis blocklist."""
+    """Whether the token's login was revoked. A token of no login (signed with the key, but not issued by
+    login or refresh) could never be revoked, so it is refused."""
     try:
-        keys = [BLOCKLIST_PREFIX + payload["jti"]]
-        if payload.get("fam"):
-            keys.append(FAMILY_PREFIX + payload["fam"])
-        return redis_client().exists(*keys) > 0
-    except redis.RedisError:
+        family = uuid.UUID(payload["fam"])
+    except (KeyError, TypeError, ValueError):
+        raise ApiError(401, "invalid_token", "The token is invalid: it belongs to no login") from None
+    try:
+        return fetch_one(FAMILY_REVOKED, (family,))[0]
+    except psycopg.OperationalError:
         # fail closed, and say why: the token may be fine, so a 401 would send clients to log in again
         raise ApiError(503, "auth_unavailable", "Token revocation cannot be checked right now; retry shortly",
                        headers={"Retry-After": "1"}) from None
 
 
 def register_jwt_callbacks(app: Flask) -> None:
-    """JWT failures answer in the JSON error shape; a token Redis cannot vouch for is refused (503, retry);
+    """JWT failures answer in the JSON error shape; a token whose revocation cannot be checked is refused (503, retry);
     verified tokens are remembered per app, since each app may sign with its own key."""
 
     app.extensions["verified_tokens"] = VerifiedTokens()

@@ -143,8 +143,10 @@ def test_logout_revokes_access_and_refresh_tokens(client, user):
 def test_a_token_verified_before_is_still_refused_once_expired_or_revoked(client, app, user):
     """The web keeps the claims of tokens it has verified; expiry and revocation are checked every time."""
     me = client.get("/api/v1/auth/me", headers=user["headers"]).json
+    login = pyjwt.decode(user["tokens"]["access_token"], options={"verify_signature": False})["fam"]
     with app.app_context():
-        short = create_access_token(identity=me["id"], expires_delta=timedelta(seconds=2))
+        short = create_access_token(identity=me["id"], expires_delta=timedelta(seconds=2),
+                                    additional_claims={"fam": login})
     assert client.get("/api/v1/auth/me", headers=bearer(short)).status_code == 200
     time.sleep(2.5)
     expired = client.get("/api/v1/auth/me", headers=bearer(short))
@@ -153,6 +155,15 @@ def test_a_token_verified_before_is_still_refused_once_expired_or_revoked(client
     assert client.post("/api/v1/auth/logout", headers=user["headers"], json={}).status_code == 204
     revoked = client.get("/api/v1/auth/me", headers=user["headers"])
     assert revoked.status_code == 401 and error_code(revoked) == "token_revoked"
+
+
+def test_a_signed_token_of_no_login_is_refused(client, app, user):
+    """Every accepted token can be revoked: one minted with the key but outside login carries no family."""
+    me = client.get("/api/v1/auth/me", headers=user["headers"]).json
+    with app.app_context():
+        minted = create_access_token(identity=me["id"])
+    response = client.get("/api/v1/auth/me", headers=bearer(minted))
+    assert response.status_code == 401 and error_code(response) == "invalid_token"
 
 
 def test_a_token_one_app_verified_is_refused_by_an_app_with_another_key(client, settings, user):
@@ -166,17 +177,44 @@ def test_a_token_one_app_verified_is_refused_by_an_app_with_another_key(client, 
     assert response.status_code == 401 and error_code(response) == "invalid_token"
 
 
-def test_tokens_are_refused_when_redis_cannot_be_asked(client, app, user):
-    import redis
+def test_a_revoked_token_stays_revoked_when_redis_loses_everything(client, settings, user):
+    """Revocations live in PostgreSQL: a web whose Redis holds nothing (restarted without persistence) refuses
+    the logged-out tokens all the same."""
+    import dataclasses
+
+    from web.app import create_app
+
+    tokens = user["tokens"]
+    assert client.post("/api/v1/auth/logout", headers=user["headers"], json={}).status_code == 204
+    base, db_number = settings.redis_url.rsplit("/", 1)
+    emptied = create_app(dataclasses.replace(settings, redis_url=f"{base}/{int(db_number) - 8}"))
+    emptied.extensions["redis"].flushdb()  # the tests' scratch db (as solo_worker's)
+    web = emptied.test_client()
+    revoked = web.get("/api/v1/auth/me", headers=user["headers"])
+    assert revoked.status_code == 401 and error_code(revoked) == "token_revoked"
+    refresh = web.post("/api/v1/auth/refresh", headers=bearer(tokens["refresh_token"]))
+    assert refresh.status_code == 401 and error_code(refresh) == "token_revoked"
+    other = register(client)  # another login is untouched
+    assert web.get("/api/v1/auth/me", headers=other["headers"]).status_code == 200
+
+
+def test_tokens_are_refused_when_revocation_cannot_be_checked(client, app, user):
+    """PostgreSQL unreachable: 503 with Retry-After, not a 401 that would send clients to log in again."""
+    from sqlalchemy import create_engine
+
+    from common.extensions import DIRECT_SQL, db
 
     fresh = register(client)["headers"]  # never seen by the web: verified in full
     assert client.get("/api/v1/auth/me", headers=user["headers"]).status_code == 200  # seen before
-    real = app.extensions["redis"]
-    app.extensions["redis"] = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    with app.app_context():
+        engines = db._app_engines[app]
+        real = engines[DIRECT_SQL]
+        engines[DIRECT_SQL] = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none",
+                                            connect_args={"connect_timeout": 1})
     try:
         responses = [client.get("/api/v1/auth/me", headers=headers) for headers in (fresh, user["headers"])]
     finally:
-        app.extensions["redis"] = real
+        engines[DIRECT_SQL] = real
     for response in responses:
         assert response.status_code == 503 and error_code(response) == "auth_unavailable"
         assert response.headers["Retry-After"] == "1"

@@ -105,21 +105,21 @@ def test_wait_answers_a_job_a_worker_finished_before_its_message_was_published(c
 
 def test_a_job_submitted_after_postgres_dropped_the_insert_connections_is_inserted_once(client, app, user,
                                                                                         iris_version):
-    """The job-insert pool skips the pre-ping: a dropped connection fails the insert, which runs again on a
+    """The hot path's pool skips the pre-ping: a dropped connection fails the insert, which runs again on a
     fresh one (as after a PostgreSQL restart, when every pooled connection is gone)."""
     from sqlalchemy import text
 
-    from common.extensions import JOB_INSERTS, db
+    from common.extensions import DIRECT_SQL, db
 
     assert submit(client, user["headers"], iris_version["id"], [[5.0, 3.0, 1.5, 0.2]]).status_code == 202
     with app.app_context():
-        pooled = [db.engines[JOB_INSERTS].raw_connection() for _ in range(3)]
+        pooled = [db.engines[DIRECT_SQL].raw_connection() for _ in range(3)]
         for connection in pooled:
             connection.close()  # back to the pool, open
     with app.app_context(), db.engine.connect() as admin:
         dropped = admin.execute(text("""
             SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-            WHERE application_name = 'inferq-web-job-inserts' AND datname = current_database()""")).scalar()
+            WHERE application_name = 'inferq-web-direct' AND datname = current_database()""")).scalar()
     assert dropped >= 3
 
     response = submit(client, user["headers"], iris_version["id"], [[6.0, 3.0, 4.5, 1.5]])

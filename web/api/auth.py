@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import marshmallow as ma
 from argon2 import PasswordHasher
@@ -18,9 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from common.extensions import db, limiter
 from common.models import ApiKey, RefreshToken, User, utcnow
 from web.errors import ApiError, not_found
-from web.security import (
-    FAMILY_PREFIX, auth_required, current_user, hash_api_key, new_api_key, redis_client, revoke_token,
-)
+from web.security import auth_required, current_user, hash_api_key, new_api_key
 
 blp = Blueprint("auth", __name__, description="Accounts, tokens and API keys")
 hasher = PasswordHasher()  # argon2id with argon2-cffi's RFC 9106 low-memory defaults
@@ -111,16 +109,11 @@ def _issue_tokens(user_id: uuid.UUID, family_id: uuid.UUID) -> dict:
 
 
 def _revoke_family(family_id: uuid.UUID) -> None:
-    """Revoke every refresh token of a login, and its access tokens still in flight."""
+    """Revoke every token of a login: its refresh tokens, and so its access tokens still in flight
+    (web/security.py: is_revoked)."""
     db.session.execute(update(RefreshToken).where(RefreshToken.family_id == family_id,
                                                   RefreshToken.revoked_at.is_(None)).values(revoked_at=utcnow()))
     db.session.commit()
-    lifetime = current_app.config["JWT_ACCESS_TOKEN_EXPIRES"]
-    redis_client().set(FAMILY_PREFIX + str(family_id), "1", ex=int(lifetime.total_seconds()) + 60)
-
-
-def _seconds_left(payload: dict) -> timedelta:
-    return datetime.fromtimestamp(payload["exp"], timezone.utc) - utcnow()
 
 
 @blp.route("/register", methods=["POST"])
@@ -179,20 +172,19 @@ def refresh():
 
 @blp.route("/logout", methods=["POST"])
 @jwt_required()
-@blp.arguments(LogoutSchema, required=False)  # no body: revoke the access token only
+@blp.arguments(LogoutSchema, required=False)  # no body: the presented token's login only
 @blp.response(204)
 @blp.doc(security=[{"bearerAuth": []}])
 def logout(data: dict):
-    """Revoke the presented access token, and the refresh token's whole family if given."""
+    """Revoke every token of the presented access token's login (its refresh tokens too), and of the given
+    refresh token's login."""
     payload = get_jwt()
-    revoke_token(payload["jti"], _seconds_left(payload))
     if data.get("refresh_token"):
         try:
             refresh_payload = decode_token(data["refresh_token"])
         except Exception:
             raise ApiError(422, "invalid_refresh_token", "refresh_token is not a valid refresh token") from None
         if refresh_payload.get("sub") == payload["sub"] and refresh_payload.get("type") == "refresh":
-            revoke_token(refresh_payload["jti"], _seconds_left(refresh_payload))
             _revoke_family(uuid.UUID(refresh_payload["fam"]))
     _revoke_family(uuid.UUID(payload["fam"]))
 

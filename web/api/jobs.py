@@ -16,10 +16,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
-from common.extensions import JOB_INSERTS, db
+from common.extensions import db
 from common.logging import log_context
 from common.models import FINAL_STATUSES, JobStatus, PredictionJob
 from common.queues import RUN_PREDICTION, mark_run_pending
+from web.direct_sql import fetch_one
 from web.errors import ApiError, not_found
 from web.instances import validate_instances
 from web.pagination import PageQuerySchema, page_schema, paginate
@@ -108,8 +109,9 @@ def _existing_for_key(key: str) -> PredictionJob | None:
 # A new job's row, but for what the submit gives it (its instances are left unloaded: the client sent them).
 NEW_JOB = {column.key: None for column in PredictionJob.__table__.c if column.key != "instances"} | {
     "status": JobStatus.queued, "attempts": 0}
-# The submit's one write, in psycopg's own terms (SQLAlchemy's execution layer cost as much CPU as the round
-# trip): the row goes in only while its model is not archived, committed with the synchronous_commit given.
+# The submit's one write (web/direct_sql.py): the row goes in only while its model is not archived, committed
+# with the synchronous_commit given. Had a first run committed before its connection dropped, the run on a fresh
+# connection fails on the job's id (_insert_job).
 INSERT_JOB = """
     INSERT INTO prediction_jobs (id, owner_id, model_version_id, status, instances, attempts, idempotency_key,
                                  request_id)
@@ -118,26 +120,6 @@ INSERT_JOB = """
     FROM (SELECT set_config('synchronous_commit', %(synchronous_commit)s, true)) AS commit_mode
     WHERE EXISTS (SELECT FROM model_versions WHERE id = %(model_version_id)s AND status <> 'archived')
     RETURNING created_at"""
-
-
-def _run_insert(values: dict) -> datetime | None:
-    """The job's created_at once inserted, None if its model cannot serve. On the job-insert pool, which skips
-    the pre-ping (a round trip on every job's path): a pooled connection PostgreSQL dropped fails the statement,
-    which then runs once more on a fresh one, the pool's other connections having been dropped too. (Had the
-    first run committed before its connection dropped, the second fails on the job's id: _insert_job.)"""
-    engine = db.engines[JOB_INSERTS]
-    for attempt in range(2):
-        connection = engine.raw_connection()
-        try:
-            row = connection.driver_connection.execute(INSERT_JOB, values).fetchone()
-            return row[0] if row else None
-        except psycopg.OperationalError:
-            connection.invalidate()
-            if attempt:
-                raise
-            engine.dispose()  # a restarted PostgreSQL dropped them all
-        finally:
-            connection.close()
 
 
 def _insert_if_servable(job_id: uuid.UUID, model_id: uuid.UUID, rows: list, key: str | None,
@@ -149,10 +131,10 @@ def _insert_if_servable(job_id: uuid.UUID, model_id: uuid.UUID, rows: list, key:
               "idempotency_key": key, "request_id": request_id()}
     if db.session().in_transaction():  # a read so far (API key, reference): at most one connection per request
         db.session.commit()
-    created_at = _run_insert({**fields, "instances": Jsonb(rows), "synchronous_commit": "on" if flush else "off"})
-    if created_at is None:
+    values = {**fields, "instances": Jsonb(rows), "synchronous_commit": "on" if flush else "off"}
+    if (inserted := fetch_one(INSERT_JOB, values)) is None:
         return None
-    job = PredictionJob(**{**NEW_JOB, **fields, "created_at": created_at})
+    job = PredictionJob(**{**NEW_JOB, **fields, "created_at": inserted[0]})
     make_transient_to_detached(job)  # as if loaded: a session can refresh it (_await_end) without writing it again
     return job
 
