@@ -62,6 +62,9 @@ def flask_config(settings: Settings) -> dict[str, Any]:
         "JWT_ALGORITHM": "HS256",
         "JWT_DECODE_ALGORITHMS": ["HS256"],
         "RATELIMIT_STORAGE_URI": settings.redis_url,
+        "RATELIMIT_STORAGE_OPTIONS": {"socket_timeout": 5, "socket_connect_timeout": 2},
+        # Redis unreachable: each web process counts logins itself until it is back (not a 500, not unlimited)
+        "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
         "RATELIMIT_HEADERS_ENABLED": True,
         "LOGIN_RATE_LIMIT": settings.login_rate_limit,
         "API_TITLE": "InferQ",

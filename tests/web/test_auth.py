@@ -220,6 +220,26 @@ def test_tokens_are_refused_when_revocation_cannot_be_checked(client, app, user)
         assert response.headers["Retry-After"] == "1"
 
 
+def test_login_works_and_stays_rate_limited_while_redis_is_down(settings, database, user):
+    """The login limit's counters live in Redis; without Redis each web process counts for itself."""
+    from dataclasses import replace
+
+    from web.app import create_app
+
+    down = create_app(replace(settings, redis_url="redis://127.0.0.1:1/0", login_rate_limit="3 per minute"))
+    try:
+        web = down.test_client()
+        ip = {"REMOTE_ADDR": f"10.8.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}"}
+        wrong = {"email": user["email"], "password": "wrong-password-1"}
+        assert [web.post("/api/v1/auth/login", json=wrong, environ_base=ip).status_code
+                for _ in range(4)] == [401, 401, 401, 429]
+        right = web.post("/api/v1/auth/login", json={"email": user["email"], "password": PASSWORD},
+                         environ_base={"REMOTE_ADDR": "10.7.0.1"})
+        assert right.status_code == 200 and right.json["access_token"]
+    finally:
+        create_app(settings)  # the limiter is one per process: back on the live Redis for later tests
+
+
 def test_api_key_lifecycle(client, user):
     created = client.post("/api/v1/auth/api-keys", headers=user["headers"], json={"name": "ci"})
     assert created.status_code == 201
