@@ -15,6 +15,7 @@ from common.queues import create_celery
 from common.storage import ArtifactStore
 from web.errors import InferQApi, register_error_handlers
 from web.job_waiter import JobWaiter
+from web.publishing import FAIL_FAST
 from web.observability import register_observability
 from web.security import register_jwt_callbacks
 
@@ -88,7 +89,9 @@ def register_extensions(app: Flask, settings: Settings) -> None:
     # its own client: the listener blocks on reads, so it must not share the request threads' timeouts
     app.extensions["job_waiter"] = JobWaiter(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
                                                                   health_check_interval=30))
-    app.extensions["celery"] = create_celery(settings, "inferq-web")
+    celery = create_celery(settings, "inferq-web")
+    celery.conf.broker_transport_options = {**celery.conf.broker_transport_options, **FAIL_FAST}
+    app.extensions["celery"] = celery
     app.extensions["artifact_store"] = ArtifactStore(settings.storage_root)
 
 

@@ -200,9 +200,10 @@ def _watching(job_id: uuid.UUID, seconds: float):
     return current_app.extensions["job_waiter"].watch(str(job_id)) if seconds > 0 else nullcontext()
 
 
-def _enqueue(job: PredictionJob) -> None:
+def _enqueue(job: PredictionJob) -> bool:
     """Publish the job's message, unless a message for its model still waits in the queue: the worker that
-    takes that one claims this committed job with the model's other queued jobs (adaptive batching)."""
+    takes that one claims this committed job with the model's other queued jobs (adaptive batching). False
+    when the broker is down (the reconciler will enqueue the job)."""
     job_id, model_id = str(job.id), str(job.model_version_id)
     waiter = current_app.extensions["job_waiter"]
     if current_app.extensions["settings"].adaptive_batch_max_jobs < 2 or not waiter.may_be_queueing(model_id, job_id):
@@ -210,21 +211,24 @@ def _enqueue(job: PredictionJob) -> None:
     else:
         try:
             if not mark_run_pending(current_app.extensions["redis"], model_id):
-                return
+                return True
         except redis.RedisError:
             pass  # publish() reports the broker down; the reconciler enqueues the job later
         args = [job_id, model_id]  # the worker clears the mark before it claims
-    publish(RUN_PREDICTION, *args)
+    if not publish(RUN_PREDICTION, *args):
+        return False
     waiter.message_sent(model_id, job_id)
+    return True
 
 
 def _publish_and_wait(job: PredictionJob, watch: Watch | None, seconds: float) -> PredictionJob:
     """Enqueue a new job and, if asked, wait for it on the watch its submit began: no read of its row."""
     # the message carries the job's log context, so the worker need not read it back
     with log_context(job_id=str(job.id), model_id=str(job.model_version_id)):
-        _enqueue(job)
+        sent = _enqueue(job)
     job_submitted(job)
-    return _await_end(job, watch, seconds, check_first=False) if watch else job
+    # unsent, it cannot end before the reconciler's next pass: answer now
+    return _await_end(job, watch, seconds, check_first=False) if watch and sent else job
 
 
 def _flushed(job: PredictionJob) -> PredictionJob:
