@@ -10,10 +10,12 @@ from common.queues import BROKER_ERRORS
 log = logging.getLogger(__name__)
 
 
-# kombu keeps reconnecting to a broker that is down for its whole connect timeout (4 s, then 6 s a message) even
-# when told not to retry the publish: a request thread tries twice, 0.1 s apart, and leaves the rest to the
-# reconciler. (The workers keep Celery's patient defaults.)
-FAIL_FAST = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.1}
+# The web's broker transport. kombu keeps reconnecting to a broker that is down for its whole connect timeout
+# (6 s a message) even when told not to retry the publish, and without socket timeouts waits forever on one that
+# hangs: a request thread tries twice, 0.1 s apart, 2 s each at most, and leaves the rest to the reconciler.
+# (The workers keep Celery's patient defaults.)
+FAIL_FAST = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.1, "socket_timeout": 2.0,
+             "socket_connect_timeout": 2.0}
 
 
 def publish(task: str, *args: str) -> bool:
