@@ -30,8 +30,9 @@ API_KEY_PREFIX_LEN = 12
 SECURITY = [{"bearerAuth": []}, {"apiKey": []}]
 # Every token of one login carries its family (the `fam` claim). Logging out, or presenting a spent refresh token,
 # marks the family's refresh tokens revoked in PostgreSQL, and with them every token of the family: a revocation
-# outlives a Redis restart (Redis holds only messages and wake-ups).
-FAMILY_REVOKED = "SELECT EXISTS (SELECT FROM refresh_tokens WHERE family_id = %s AND revoked_at IS NOT NULL)"
+# outlives a Redis restart (Redis holds only messages and wake-ups). NULL, refused too, for a family the database
+# does not know (its user deleted, or the database restored from before the login).
+FAMILY_VALID = "SELECT bool_and(revoked_at IS NULL) FROM refresh_tokens WHERE family_id = %s"
 # last_used_at is kept to the minute, so a busy key does not write on every request
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -141,14 +142,14 @@ def auth_required(fn: Callable) -> Callable:
 
 
 def is_revoked(payload: dict) -> bool:
-    """Whether the token's login was revoked. A token of no login (signed with the key, but not issued by
-    login or refresh) could never be revoked, so it is refused."""
+    """Whether the token's login was revoked, or is unknown. A token of no login (signed with the key, but not
+    issued by login or refresh) could never be revoked, so it is refused."""
     try:
         family = uuid.UUID(payload["fam"])
     except (KeyError, TypeError, ValueError):
         raise ApiError(401, "invalid_token", "The token is invalid: it belongs to no login") from None
     try:
-        return fetch_one(FAMILY_REVOKED, (family,))[0]
+        return not fetch_one(FAMILY_VALID, (family,))[0]
     except psycopg.OperationalError:
         # fail closed, and say why: the token may be fine, so a 401 would send clients to log in again
         raise ApiError(503, "auth_unavailable", "Token revocation cannot be checked right now; retry shortly",
