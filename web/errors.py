@@ -11,7 +11,8 @@ import psycopg
 from apispec import BasePlugin
 from flask import Flask, jsonify
 from flask_smorest import Api
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 from common.extensions import db
@@ -134,6 +135,16 @@ def register_error_handlers(app: Flask) -> None:
         reason = str(cause).splitlines()[0] if cause is not None else "invalid value"
         log.warning("value refused by the database: %s", reason)
         return error_response(422, "unstorable_value", f"A value in the request cannot be stored: {reason}")
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(psycopg.OperationalError)
+    @app.errorhandler(PoolTimeout)
+    def handle_database_unavailable(exc: Exception):
+        # PostgreSQL down, restarting or out of connections: nothing the client did, and worth a retry
+        reason = str(getattr(exc, "orig", None) or exc).splitlines() or [type(exc).__name__]
+        log.warning("database unavailable: %s", reason[0])
+        return error_response(503, "database_unavailable", "The database cannot be reached right now; retry shortly",
+                              headers={"Retry-After": "1"})
 
     @app.errorhandler(Exception)
     def handle_unexpected(exc: Exception):
