@@ -15,8 +15,8 @@ from common.queues import create_celery
 from common.storage import ArtifactStore
 from web.errors import InferQApi, register_error_handlers
 from web.job_waiter import JobWaiter
-from web.publishing import FAIL_FAST
 from web.observability import register_observability
+from web.publishing import FAIL_FAST
 from web.security import register_jwt_callbacks
 
 api = InferQApi()

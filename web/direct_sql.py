@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from sqlalchemy import Engine
 
 from common.extensions import DIRECT_SQL, db
 
@@ -17,15 +18,19 @@ from common.extensions import DIRECT_SQL, db
 def fetch_one(statement: str, values: dict[str, Any] | tuple) -> tuple | None:
     """The statement's first row (None if it returned none), committed on return."""
     engine = db.engines[DIRECT_SQL]
-    for attempt in range(2):
-        connection = engine.raw_connection()
-        try:
-            return connection.driver_connection.execute(statement, values).fetchone()
-        except psycopg.OperationalError:
-            connection.invalidate()
-            if attempt:
-                raise
-            engine.dispose()
-        finally:
-            connection.close()
-    raise AssertionError("unreachable")
+    try:
+        return _fetch_one(engine, statement, values)
+    except psycopg.OperationalError:
+        engine.dispose()
+        return _fetch_one(engine, statement, values)
+
+
+def _fetch_one(engine: Engine, statement: str, values: dict[str, Any] | tuple) -> tuple | None:
+    connection = engine.raw_connection()
+    try:
+        return connection.driver_connection.execute(statement, values).fetchone()
+    except psycopg.OperationalError:
+        connection.invalidate()
+        raise
+    finally:
+        connection.close()
