@@ -1,10 +1,11 @@
 """Where a sequential `?wait` job's time goes, hop by hop, without touching web/ or worker/.
 
-    python -m bench.trace [--jobs 400] [--concurrency 2]
+    python -m bench.trace [--jobs 400] [--concurrency 2] [--clients 8 --seconds 5]
 
 Brings up the bench's stack with its web and worker apps wrapped (`web_app()` here, and `-A bench.trace` for
 the workers) so that each process appends `job_id stage nanoseconds` to $BENCH_TRACE_DIR/<pid>.txt at fixed
-points of a job's path; the client stamps its send and its answer. Prints each hop's p50 over the jobs.
+points of a job's path; the client stamps its send and its answer. Prints each hop's p50 over the jobs
+(sequential), or the p50 and mean of each hop over every job of N concurrent clients.
 """
 from __future__ import annotations
 
@@ -227,8 +228,16 @@ def load_report(jobs: dict[str, dict[str, int]], seconds: float) -> None:
         print(f"  {label:<50} {statistics.median(values):7.3f} {statistics.fmean(values):7.3f}")
 
 
+def _with_client_stamps(out_dir: Path, sent: list[tuple[str, int, int]]) -> dict[str, dict[str, int]]:
+    """The stages of the jobs the clients sent, with the clients' own send and answer times."""
+    time.sleep(0.5)  # the processes' last lines
+    jobs = read(out_dir)
+    for job_id, started, answered in sent:
+        jobs[job_id].update(client_send=started, client_answer=answered)
+    return {job_id: jobs[job_id] for job_id, _, _ in sent}
+
+
 def main(argv: list[str] | None = None) -> int:
-    import joblib
     import numpy as np
 
     from bench.run import BENCH_DB, BENCH_REDIS_DB, batch_data, run_clients, start_client_server, warm_up
@@ -257,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             start_client_server()
             reports = run_clients(_load_client, [(client.base, client.token, version["id"], rows.tolist())
                                                  for _ in range(args.clients)], args.seconds)
-            time.sleep(0.5)
-            jobs = read(out_dir)
-            for job_id, started, answered in (sent for report in reports for sent in report):
-                jobs[job_id].update(client_send=started, client_answer=answered)
-            load_report({job_id: jobs[job_id] for report in reports for job_id, _, _ in report}, args.seconds)
+            load_report(_with_client_stamps(out_dir, [sent for report in reports for sent in report]), args.seconds)
             return 0
         http = JsonConnection(client.base, client.token, timeout=30)
         url = f"/api/v1/predict/{version['id']}?wait=10"
@@ -272,11 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             answered = time.time_ns()
             assert status == 200 and job["status"] == "succeeded", job
             sent.append((job["id"], started, answered))
-        time.sleep(0.5)
-        jobs = read(out_dir)
-        for job_id, started, answered in sent:
-            jobs[job_id].update(client_send=started, client_answer=answered)
-        report({job_id: jobs[job_id] for job_id, _, _ in sent})
+        report(_with_client_stamps(out_dir, sent))
     finally:
         stack.stop()
     return 0

@@ -209,6 +209,12 @@ def iris_model():
 
 
 @pytest.fixture
+def iris_version(client, user, iris_model) -> dict:
+    """The iris model, uploaded by `user`."""
+    return upload(client, user["headers"], iris_model[0], name="iris")
+
+
+@pytest.fixture
 def solo_worker(settings, database, redis_conn, test_env, tmp_path):
     """A client and ONE single-process worker on a Redis db of their own, so a test knows which
     process runs each job; `solo_worker(**env)` starts it with extra environment."""

@@ -5,15 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-import pytest
-
-from tests.conftest import upload
-
-
-@pytest.fixture
-def iris_version(client, user, iris_model) -> dict:
-    return upload(client, user["headers"], iris_model[0], name="iris")
-
 
 def test_a_submit_while_redis_is_down_is_accepted_at_once_and_stays_queued(settings, client, user, iris_version):
     """The row is committed before any message: with the broker down the client still gets its 202 and the

@@ -13,11 +13,6 @@ def submit(client, headers, model, instances):
     return client.post(f"/api/v1/predict/{model}", headers=headers, json={"instances": instances})
 
 
-@pytest.fixture
-def iris_version(client, user, iris_model) -> dict:
-    return upload(client, user["headers"], iris_model[0], name="iris")
-
-
 @pytest.mark.parametrize("instances, message", [
     ([], "at least one row"),
     ([[1.0, 2.0]], "row 0: expected 4 features, got 2"),

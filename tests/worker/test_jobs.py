@@ -28,11 +28,6 @@ def submit(client, headers, model, instances, **kwargs):
     return client.post(f"/api/v1/predict/{model}{query}", headers=headers, json={"instances": instances})
 
 
-@pytest.fixture
-def iris_version(client, user, iris_model) -> dict:
-    return upload(client, user["headers"], iris_model[0], name="iris")
-
-
 def test_submit_wait_returns_predictions_probabilities_and_timings(client, user, workers, iris_model, iris_version):
     model, X = iris_model
     response = submit(client, user["headers"], iris_version["id"], X[:3].tolist(), wait=20)
