@@ -32,7 +32,7 @@ SECURITY = [{"bearerAuth": []}, {"apiKey": []}]
 # marks the family's refresh tokens revoked in PostgreSQL, and with them every token of the family: a revocation
 # outlives a Redis restart (Redis holds only messages and wake-ups). NULL, refused too, for a family the database
 # does not know (its user deleted, or the database restored from before the login).
-FAMILY_VALID = "SELECT bool_and(revoked_at IS NULL) FROM refresh_tokens WHERE family_id = %s"
+LOGIN_VALID = "SELECT bool_and(revoked_at IS NULL) FROM refresh_tokens WHERE family_id = %s"
 # last_used_at is kept to the minute, so a busy key does not write on every request
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -95,18 +95,21 @@ class VerifiedTokens:
                 self._verified.popitem(last=False)
 
 
-def _still_valid(header: dict, claims: dict) -> None:
-    """What can change after a token was verified: the clock and the blocklist (answered as for a fresh token)."""
+def _still_valid(header: dict, claims: dict, defer_revocation: bool) -> None:
+    """What can change after a token was verified: the clock and the blocklist (answered as for a fresh token).
+    With `defer_revocation` the blocklist is left to the request's write or to its answer (confirm_login)."""
     expires = claims.get("exp")
     if expires is not None and expires + current_app.config["JWT_DECODE_LEEWAY"] <= time.time():
         expired = ExpiredSignatureError("Signature has expired")
         expired.jwt_header, expired.jwt_data = header, claims
         raise expired
-    if is_revoked(claims):
+    if defer_revocation:
+        g.unconfirmed_login = (header, claims, login_of(claims))
+    elif is_revoked(claims):
         raise RevokedTokenError(header, claims)
 
 
-def _caller_from_token() -> Caller:
+def _caller_from_token(defer_revocation: bool) -> Caller:
     authorization = request.headers.get("Authorization", "")
     remembered: VerifiedTokens = current_app.extensions["verified_tokens"]  # per app: per signing key
     verified = remembered.get(authorization) if authorization else None
@@ -116,40 +119,77 @@ def _caller_from_token() -> Caller:
         remembered.add(authorization, header, claims)
     else:
         header, claims = verified
-        _still_valid(header, claims)
+        _still_valid(header, claims, defer_revocation)
     return Caller(uuid.UUID(claims["sub"]))
 
 
-def authenticate() -> Caller:
+def authenticate(defer_revocation: bool = False) -> Caller:
     """The caller, from X-API-Key if present, else from the bearer access token (signed, so trusted)."""
     key = request.headers.get(API_KEY_HEADER)
     if key:
         return _caller_from_api_key(key)
-    return _caller_from_token()
+    return _caller_from_token(defer_revocation)
 
 
-def auth_required(fn: Callable) -> Callable:
-    """Protect an endpoint with a bearer token or an API key, and document that in the spec."""
+def unconfirmed_login() -> uuid.UUID | None:
+    """The login whose revocation this request has not checked yet: the write that checks it in the same
+    statement calls login_confirmed() once it succeeded."""
+    pending = g.get("unconfirmed_login")
+    return pending[2] if pending else None
+
+
+def login_confirmed() -> None:
+    g.pop("unconfirmed_login", None)
+
+
+def confirm_login() -> None:
+    """Check a deferred revocation now: 401 token_revoked if the login was revoked meanwhile."""
+    if (pending := g.pop("unconfirmed_login", None)) is not None:
+        header, claims, _ = pending
+        if is_revoked(claims):
+            raise RevokedTokenError(header, claims)
+
+
+def auth_required(fn: Callable | None = None, *, revocation_checked_by_write: bool = False) -> Callable:
+    """Protect an endpoint with a bearer token or an API key, and document that in the spec.
+
+    `revocation_checked_by_write`: for an endpoint whose one write checks the token's login in the same statement
+    (a job's INSERT): a token this process verified before is not checked for revocation up front, which saves a
+    database round trip on every submit. Whatever else the endpoint answers, an error included, is answered
+    only after the check (a revoked token learns nothing about the account's models)."""
+    if fn is None:
+        return lambda f: auth_required(f, revocation_checked_by_write=revocation_checked_by_write)
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any):
-        g.current_user = authenticate()
-        return fn(*args, **kwargs)
+        g.current_user = authenticate(revocation_checked_by_write)
+        try:
+            response = fn(*args, **kwargs)
+        except BaseException:
+            confirm_login()
+            raise
+        confirm_login()
+        return response
 
     apidoc = getattr(wrapper, "_apidoc", None) or {}
     wrapper._apidoc = {**apidoc, "manual_doc": {**apidoc.get("manual_doc", {}), "security": SECURITY}}
     return wrapper
 
 
-def is_revoked(payload: dict) -> bool:
-    """Whether the token's login was revoked, or is unknown. A token of no login (signed with the key, but not
-    issued by login or refresh) could never be revoked, so it is refused."""
+def login_of(payload: dict) -> uuid.UUID:
+    """The token's login (family). A token of no login (signed with the key, but not issued by login or refresh)
+    could never be revoked, so it is refused."""
     try:
-        family = uuid.UUID(payload["fam"])
+        return uuid.UUID(payload["fam"])
     except (KeyError, TypeError, ValueError):
         raise ApiError(401, "invalid_token", "The token is invalid: it belongs to no login") from None
+
+
+def is_revoked(payload: dict) -> bool:
+    """Whether the token's login was revoked, or is unknown."""
+    family = login_of(payload)
     try:
-        return not fetch_one(FAMILY_VALID, (family,))[0]
+        return not fetch_one(LOGIN_VALID, (family,))[0]
     except psycopg.OperationalError:
         # fail closed, and say why: the token may be fine, so a 401 would send clients to log in again
         raise ApiError(503, "auth_unavailable", "Token revocation cannot be checked right now; retry shortly",

@@ -171,6 +171,22 @@ def test_a_deleted_accounts_tokens_are_refused_at_once(client, app, user):
     assert refused.status_code == 401 and error_code(refused) == "token_revoked"
 
 
+def test_a_submit_checks_revocation_in_its_insert_and_a_revoked_token_learns_nothing(client, user, iris_version):
+    """The submit checks a remembered token's login in the job's INSERT, not before: once logged out, the token
+    creates no job, and its errors (unknown model, wrong row width) are a 401 too, never a 404 or a 422."""
+    model, row = iris_version["id"], [5.0, 3.0, 1.5, 0.2]
+    submitted = client.post(f"/api/v1/predict/{model}", headers=user["headers"], json={"instances": [row]})
+    assert submitted.status_code == 202  # the token is now one this web process has verified
+    assert client.post("/api/v1/auth/logout", headers=user["headers"], json={}).status_code == 204
+
+    for ref, instances in ((model, [row]), (model, [row[:2]]), (str(uuid.uuid4()), [row]), ("iris@latest", [row])):
+        refused = client.post(f"/api/v1/predict/{ref}?wait=1", headers=user["headers"], json={"instances": instances})
+        assert refused.status_code == 401 and error_code(refused) == "token_revoked", (ref, refused.json)
+    again = client.post("/api/v1/auth/login", json={"email": user["email"], "password": PASSWORD}).json
+    listed = client.get("/api/v1/jobs", headers=bearer(again["access_token"])).json
+    assert [job["id"] for job in listed["items"]] == [submitted.json["id"]]
+
+
 def test_a_signed_token_of_no_login_is_refused(client, app, user):
     """Every accepted token can be revoked: one minted with the key but outside login carries no family."""
     me = client.get("/api/v1/auth/me", headers=user["headers"]).json

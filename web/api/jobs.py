@@ -28,7 +28,9 @@ from web.observability import job_submitted, request_id
 from web.publishing import publish
 from web.job_waiter import Watch
 from web.registry import get_version, input_schema, require_servable
-from web.security import auth_required, current_user
+from web.security import (
+    LOGIN_VALID, auth_required, confirm_login, current_user, login_confirmed, unconfirmed_login,
+)
 
 blp = Blueprint("jobs", __name__, description="Asynchronous prediction jobs")
 STATUSES = [s.value for s in JobStatus]
@@ -109,31 +111,36 @@ def _existing_for_key(key: str) -> PredictionJob | None:
 # A new job's row, but for what the submit gives it (its instances are left unloaded: the client sent them).
 NEW_JOB = {column.key: None for column in PredictionJob.__table__.c if column.key != "instances"} | {
     "status": JobStatus.queued, "attempts": 0}
-# The submit's one write (web/direct_sql.py): the row goes in only while its model is not archived, committed
-# with the synchronous_commit given. Had a first run committed before its connection dropped, the run on a fresh
-# connection fails on the job's id (_insert_job).
-INSERT_JOB = """
+# The submit's one write (web/direct_sql.py): the row goes in only while its model is not archived and the
+# caller's login (when the request deferred that check: web/security.py) is not revoked, committed with the
+# synchronous_commit given. Had a first run committed before its connection dropped, the run on a fresh connection
+# fails on the job's id (_insert_job).
+INSERT_JOB = f"""
     INSERT INTO prediction_jobs (id, owner_id, model_version_id, status, instances, attempts, idempotency_key,
                                  request_id)
     SELECT %(id)s, %(owner_id)s, %(model_version_id)s, 'queued', %(instances)s, 0, %(idempotency_key)s,
            %(request_id)s
     FROM (SELECT set_config('synchronous_commit', %(synchronous_commit)s, true)) AS commit_mode
     WHERE EXISTS (SELECT FROM model_versions WHERE id = %(model_version_id)s AND status <> 'archived')
+      AND (CAST(%(login)s AS uuid) IS NULL OR ({LOGIN_VALID.replace("%s", "%(login)s")}))
     RETURNING created_at"""
 
 
 def _insert_if_servable(job_id: uuid.UUID, model_id: uuid.UUID, rows: list, key: str | None,
                         flush: bool) -> PredictionJob | None:
-    """Insert and commit the job row in one statement, only while its model is not archived; the job as
-    committed, or None when the model cannot serve. Without `flush` the commit does not wait for the WAL to
+    """Insert and commit the job row in one statement, only while its model is not archived (and the caller's
+    login is valid); the job as committed, or None when the model cannot serve. Without `flush` the commit does not wait for the WAL to
     reach disk (see _flushed)."""
     fields = {"id": job_id, "owner_id": current_user().id, "model_version_id": model_id,
               "idempotency_key": key, "request_id": request_id()}
     if db.session().in_transaction():  # a read so far (API key, reference): at most one connection per request
         db.session.commit()
-    values = {**fields, "instances": Jsonb(rows), "synchronous_commit": "on" if flush else "off"}
+    values = {**fields, "instances": Jsonb(rows), "synchronous_commit": "on" if flush else "off",
+              "login": unconfirmed_login()}
     if (inserted := fetch_one(INSERT_JOB, values)) is None:
+        confirm_login()  # not inserted: refused for a revoked login, else for the model
         return None
+    login_confirmed()
     job = PredictionJob(**{**NEW_JOB, **fields, "created_at": inserted[0]})
     make_transient_to_detached(job)  # as if loaded: a session can refresh it (_await_end) without writing it again
     return job
@@ -254,7 +261,7 @@ def _answer(job: PredictionJob):
 @blp.response(202, JobSchema)
 @blp.alt_response(200, schema=JobSchema, description="The finished job, when it ended within `wait` seconds")
 @blp.alt_response(409, description="The model is archived")
-@auth_required
+@auth_required(revocation_checked_by_write=True)
 def predict(body: dict, query: dict, model_ref: str):
     """Submit a prediction job against a model id or reference (name@alias, name@v3, name@latest)."""
     key = request.headers.get("Idempotency-Key")
