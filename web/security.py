@@ -32,7 +32,7 @@ SECURITY = [{"bearerAuth": []}, {"apiKey": []}]
 # marks the family's refresh tokens revoked in PostgreSQL, and with them every token of the family: a revocation
 # outlives a Redis restart (Redis holds only messages and wake-ups). NULL, refused too, for a family the database
 # does not know (its user deleted, or the database restored from before the login).
-LOGIN_VALID = "SELECT bool_and(revoked_at IS NULL) FROM refresh_tokens WHERE family_id = %s"
+LOGIN_VALID = "SELECT bool_and(revoked_at IS NULL) FROM refresh_tokens WHERE family_id = %(login)s"
 # last_used_at is kept to the minute, so a busy key does not write on every request
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -164,12 +164,9 @@ def auth_required(fn: Callable | None = None, *, revocation_checked_by_write: bo
     def wrapper(*args: Any, **kwargs: Any):
         g.current_user = authenticate(revocation_checked_by_write)
         try:
-            response = fn(*args, **kwargs)
-        except BaseException:
-            confirm_login()
-            raise
-        confirm_login()
-        return response
+            return fn(*args, **kwargs)
+        finally:
+            confirm_login()  # unless the write checked it: nothing, an error included, leaves unchecked
 
     apidoc = getattr(wrapper, "_apidoc", None) or {}
     wrapper._apidoc = {**apidoc, "manual_doc": {**apidoc.get("manual_doc", {}), "security": SECURITY}}
@@ -189,7 +186,7 @@ def is_revoked(payload: dict) -> bool:
     """Whether the token's login was revoked, or is unknown."""
     family = login_of(payload)
     try:
-        return not fetch_one(LOGIN_VALID, (family,))[0]
+        return not fetch_one(LOGIN_VALID, {"login": family})[0]
     except psycopg.OperationalError:
         # fail closed, and say why: the token may be fine, so a 401 would send clients to log in again
         raise ApiError(503, "auth_unavailable", "Token revocation cannot be checked right now; retry shortly",

@@ -122,15 +122,15 @@ INSERT_JOB = f"""
            %(request_id)s
     FROM (SELECT set_config('synchronous_commit', %(synchronous_commit)s, true)) AS commit_mode
     WHERE EXISTS (SELECT FROM model_versions WHERE id = %(model_version_id)s AND status <> 'archived')
-      AND (CAST(%(login)s AS uuid) IS NULL OR ({LOGIN_VALID.replace("%s", "%(login)s")}))
+      AND (CAST(%(login)s AS uuid) IS NULL OR ({LOGIN_VALID}))
     RETURNING created_at"""
 
 
 def _insert_if_servable(job_id: uuid.UUID, model_id: uuid.UUID, rows: list, key: str | None,
                         flush: bool) -> PredictionJob | None:
     """Insert and commit the job row in one statement, only while its model is not archived (and the caller's
-    login is valid); the job as committed, or None when the model cannot serve. Without `flush` the commit does not wait for the WAL to
-    reach disk (see _flushed)."""
+    login is valid); the job as committed, or None when the model cannot serve. Without `flush` the commit does
+    not wait for the WAL to reach disk (see _flushed)."""
     fields = {"id": job_id, "owner_id": current_user().id, "model_version_id": model_id,
               "idempotency_key": key, "request_id": request_id()}
     if db.session().in_transaction():  # a read so far (API key, reference): at most one connection per request
