@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from common.extensions import DIRECT_SQL, db
 
 
-def fetch_one(statement: str, values: dict[str, Any] | tuple) -> tuple | None:
+def fetch_one(statement: str, values: dict[str, Any]) -> tuple | None:
     """The statement's first row (None if it returned none), committed on return."""
     engine = db.engines[DIRECT_SQL]
     try:
@@ -25,7 +25,7 @@ def fetch_one(statement: str, values: dict[str, Any] | tuple) -> tuple | None:
         return _fetch_one(engine, statement, values)
 
 
-def _fetch_one(engine: Engine, statement: str, values: dict[str, Any] | tuple) -> tuple | None:
+def _fetch_one(engine: Engine, statement: str, values: dict[str, Any]) -> tuple | None:
     connection = engine.raw_connection()
     try:
         return connection.driver_connection.execute(statement, values).fetchone()

@@ -104,7 +104,8 @@ def _still_valid(header: dict, claims: dict, defer_revocation: bool) -> None:
         expired.jwt_header, expired.jwt_data = header, claims
         raise expired
     if defer_revocation:
-        g.unconfirmed_login = (header, claims, login_of(claims))
+        login_of(claims)  # a token of no login is refused now, as when checked up front
+        g.unconfirmed_login = (header, claims)
     elif is_revoked(claims):
         raise RevokedTokenError(header, claims)
 
@@ -133,19 +134,19 @@ def authenticate(defer_revocation: bool = False) -> Caller:
 
 def unconfirmed_login() -> uuid.UUID | None:
     """The login whose revocation this request has not checked yet: the write that checks it in the same
-    statement calls login_confirmed() once it succeeded."""
+    statement calls mark_login_confirmed() once it succeeded."""
     pending = g.get("unconfirmed_login")
-    return pending[2] if pending else None
+    return login_of(pending[1]) if pending else None
 
 
-def login_confirmed() -> None:
+def mark_login_confirmed() -> None:
     g.pop("unconfirmed_login", None)
 
 
 def confirm_login() -> None:
     """Check a deferred revocation now: 401 token_revoked if the login was revoked meanwhile."""
     if (pending := g.pop("unconfirmed_login", None)) is not None:
-        header, claims, _ = pending
+        header, claims = pending
         if is_revoked(claims):
             raise RevokedTokenError(header, claims)
 

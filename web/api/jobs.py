@@ -29,7 +29,7 @@ from web.publishing import publish
 from web.job_waiter import Watch
 from web.registry import get_version, input_schema, require_servable
 from web.security import (
-    LOGIN_VALID, auth_required, confirm_login, current_user, login_confirmed, unconfirmed_login,
+    LOGIN_VALID, auth_required, current_user, mark_login_confirmed, unconfirmed_login,
 )
 
 blp = Blueprint("jobs", __name__, description="Asynchronous prediction jobs")
@@ -138,9 +138,8 @@ def _insert_if_servable(job_id: uuid.UUID, model_id: uuid.UUID, rows: list, key:
     values = {**fields, "instances": Jsonb(rows), "synchronous_commit": "on" if flush else "off",
               "login": unconfirmed_login()}
     if (inserted := fetch_one(INSERT_JOB, values)) is None:
-        confirm_login()  # not inserted: refused for a revoked login, else for the model
-        return None
-    login_confirmed()
+        return None  # a revoked login is answered as such: auth_required checks it before any answer
+    mark_login_confirmed()
     job = PredictionJob(**{**NEW_JOB, **fields, "created_at": inserted[0]})
     make_transient_to_detached(job)  # as if loaded: a session can refresh it (_await_end) without writing it again
     return job
