@@ -368,10 +368,11 @@ def interleaved(stack: Stack, client: Client, model, model_id: str, rows: np.nda
     log("    8-client rounds")
     for _ in range(profile.rounds):
         round_noop = run_clients(_noop_client, [()] * CLIENTS, profile.round_seconds)
-        job_rounds.append(job_client_reports(client, model_id, profile.round_seconds))
+        reports, per_client = job_client_reports(client, model_id, profile.round_seconds)
         noop_clients += round_noop
+        job_rounds.append((reports, per_client))
         rounds["noop_tasks_per_s"].append(sum(len(x) for x in round_noop) / profile.round_seconds)
-        rounds["jobs_per_s"].append(sum(len(r["done"]) for r in job_rounds[-1][0]) / profile.round_seconds)
+        rounds["jobs_per_s"].append(sum(len(r["done"]) for r in reports) / profile.round_seconds)
     log("    no-op drain")
     drain_tasks = 2000 if profile.name == "full" else 300
     floor = floor_figures(rtts, noop_clients, profile.round_seconds * profile.rounds, noop_drain(drain_tasks),
