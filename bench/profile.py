@@ -7,9 +7,9 @@ no-op workers, and first measures the floor's 8 clients: tasks/s and the whole m
 runs the 8-client job load twice: once clean, accounting the CPU seconds each group of processes used (web
 processes, worker main processes, pool children, the PostgreSQL backends serving the stack, the Redis server)
 and the whole machine's (clients and kernel included) per job; once under `py-spy record --gil` (web
-processes and pool children; only the thread holding the GIL is sampled, so samples are CPU), summarised as
-the functions with the most samples, inclusive, in InferQ's own code and in the libraries. Raw profiles go to
-var/bench-profile/.
+processes, worker main processes and pool children; only the thread holding the GIL is sampled, so samples are
+CPU), summarised as the functions with the most samples, inclusive, in InferQ's own code and in the libraries,
+and as each package's share of the samples' innermost frames. Raw profiles go to var/bench-profile/.
 """
 from __future__ import annotations
 
@@ -114,8 +114,9 @@ def spy(pids: list[int], seconds: float, out_dir: Path, label: str) -> list[subp
 
 
 def summarise(files: list[Path], top: int = 25) -> dict:
-    """Inclusive samples per function (each function counted once per stack), own code and libraries."""
-    inclusive, self_time, total = Counter(), Counter(), 0
+    """Inclusive samples per function (each function counted once per stack), own code and libraries; and self
+    samples per package (the top-level package or module of each stack's innermost frame)."""
+    inclusive, self_time, packages, total = Counter(), Counter(), Counter(), 0
     for path in files:
         if not path.exists():
             continue
@@ -133,8 +134,16 @@ def summarise(files: list[Path], top: int = 25) -> dict:
                     inclusive[name] += n
                     seen.add(name)
             self_time[_short(frames[-1])] += n
+            packages[_package(frames[-1])] += n
     pct = lambda c: [(name, round(100.0 * n / max(total, 1), 1)) for name, n in c.most_common(top)]
-    return {"samples": total, "inclusive_pct": pct(inclusive), "self_pct": pct(self_time)}
+    return {"samples": total, "inclusive_pct": pct(inclusive), "self_pct": pct(self_time),
+            "package_pct": pct(packages)}
+
+
+def _package(frame: str) -> str:
+    """'func (werkzeug/wrappers/request.py:42)' -> 'werkzeug'; 'func (threading.py:320)' -> 'threading'."""
+    path = frame.partition(" (")[2].rsplit(":", 1)[0]
+    return Path(path).parts[0].removesuffix(".py") if path else "?"
 
 
 def _short(frame: str) -> str:
@@ -195,19 +204,23 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n===== {path.name}")
                 print(path.read_text())
         elif not args.no_spy:
-            web, children = stack.web_pids(), [c.pid for w in stack.live_workers() for c in w.children()]
-            spies = spy(web, args.seconds + 3, out_dir, "web") + spy(children, args.seconds + 3, out_dir, "child")
+            groups = {"web": stack.web_pids(), "main": [w.proc.pid for w in stack.live_workers()],
+                      "child": [c.pid for w in stack.live_workers() for c in w.children()]}
+            spies = [p for label, pids in groups.items() for p in spy(pids, args.seconds + 3, out_dir, label)]
             time.sleep(1)
             job_throughput(client, model, version["id"], args.seconds)
             for p in spies:
                 p.wait(60)
-            for label in ("web", "child"):
+            for label in groups:
                 s = summarise(sorted(out_dir.glob(f"{label}-*.txt")))
                 print(f"\n{label}: {s['samples']} samples; inclusive % (top):")
                 for name, p in s["inclusive_pct"]:
                     print(f"  {p:5.1f}  {name}")
                 print(f"{label}: self % (top):")
                 for name, p in s["self_pct"][:12]:
+                    print(f"  {p:5.1f}  {name}")
+                print(f"{label}: self % by package:")
+                for name, p in s["package_pct"][:15]:
                     print(f"  {p:5.1f}  {name}")
     finally:
         while noop_workers:
