@@ -87,6 +87,11 @@ JOB_DONE_PATTERN = "inferq:job-done:*"
 RUN_PENDING_TTL_MS = 2000
 
 
+# A job of an idle model with at most this many values (rows x features) carries them in its message, a few
+# kB of JSON at most: its worker scores them while its claim is in flight instead of reading them back.
+MESSAGE_ROWS_MAX_VALUES = 1024
+
+
 def run_pending_key(model_id: str) -> str:
     return f"inferq:run-pending:{model_id}"
 

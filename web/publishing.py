@@ -18,13 +18,14 @@ FAIL_FAST = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.1, "soc
              "socket_connect_timeout": 2.0}
 
 
-def publish(task: str, *args: str) -> bool:
+def publish(task: str, *args: str, **kwargs) -> bool:
     """Enqueue a task for a row already committed; whether it was sent. If the broker is down the row stays
     queued and the reconciler enqueues it once Redis is back, so the client still gets its 202."""
     try:
         # given argsrepr (ids need no saferepr) and no declare (the queues are bound by name on the default
         # exchange, so there is nothing to declare): a fifth of send_task's CPU
-        current_app.extensions["celery"].send_task(task, args=list(args), argsrepr=repr(list(args)), kwargsrepr="{}",
+        current_app.extensions["celery"].send_task(task, args=list(args), kwargs=kwargs, argsrepr=repr(list(args)),
+                                                   kwargsrepr=repr(sorted(kwargs)),
                                                    declare=[], retry=False)
         return True
     except BROKER_ERRORS as exc:

@@ -14,6 +14,7 @@ from typing import Iterator, TypeVar
 
 import psycopg
 import redis
+from psycopg import pq
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, TextClause, create_engine
 from sqlalchemy.exc import DBAPIError
@@ -80,6 +81,34 @@ def execute(statement: TextClause, params: dict | None = None) -> list[tuple]:
             connection.close()
 
     return with_db_retry(run)
+
+
+@contextmanager
+def in_flight(sql: str, params: list[str]) -> Iterator[Callable[[], list[list[str | None]]]]:
+    """Send one statement (`$1`... parameters, as text) on a pooled connection and run the block while
+    PostgreSQL executes and commits it; the block reads its rows (as text) with the function it is given.
+    A connection whose results went unread, or that failed, is discarded rather than pooled."""
+    connection = _autocommit_engine().raw_connection()
+    pgconn, done = connection.driver_connection.pgconn, False
+
+    def rows() -> list[list[str | None]]:
+        nonlocal done
+        out = []
+        while (result := pgconn.get_result()) is not None:
+            if result.status != pq.ExecStatus.TUPLES_OK:
+                raise psycopg.DatabaseError(result.error_message.decode(errors="replace"))
+            out += [[None if (v := result.get_value(r, c)) is None else v.decode() for c in range(result.nfields)]
+                    for r in range(result.ntuples)]
+        done = True
+        return out
+
+    try:
+        pgconn.send_query_params(sql.encode(), [p.encode() for p in params])
+        yield rows
+    finally:
+        if not done:
+            connection.invalidate()
+        connection.close()
 
 
 @cache

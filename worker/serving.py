@@ -33,7 +33,8 @@ def model_info(version_id: uuid.UUID) -> ModelInfo:
 
 def _read_model_info(version_id: uuid.UUID) -> ModelInfo:
     with runtime.session() as s:
-        m = s.get(ModelVersion, version_id)
+        if (m := s.get(ModelVersion, version_id)) is None:  # deleted with its owner
+            raise LookupError(f"model version {version_id} does not exist")
         return ModelInfo(m.id, m.name, m.artifact_path, m.artifact_sha256, m.task_kind, m.n_features_in,
                          tuple(m.feature_names) if m.feature_names else None,
                          tuple(m.feature_kinds) if m.feature_kinds else None,

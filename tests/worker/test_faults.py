@@ -6,6 +6,7 @@ import signal
 import time
 
 import psutil
+import pytest
 from sqlalchemy import func, select
 
 from common.queues import RECONCILE_JOBS, RUN_PREDICTION
@@ -37,13 +38,30 @@ def test_worker_child_killed_mid_job_still_succeeds_exactly_once(client, user, w
     assert done["result"]["predictions"] == iris_model[0].predict(ROW).tolist()
 
 
-def test_duplicate_message_writes_nothing_twice(client, app, user, workers, iris_model):
-    version = upload(client, user["headers"], iris_model[0], name="dup")
+@pytest.mark.parametrize("rows_in_message", [False, True], ids=["job-id", "job-id-and-rows"])
+def test_duplicate_message_writes_nothing_twice(client, app, user, workers, iris_model, rows_in_message):
+    version = upload(client, user["headers"], iris_model[0], name=f"dup-{rows_in_message}")
     job = submit(client, user["headers"], version["id"], ROW, wait=20).json
-    app.extensions["celery"].send_task(RUN_PREDICTION, args=[job["id"]])
+    rows = {"instances": ROW, "model_version_id": version["id"]} if rows_in_message else {}
+    app.extensions["celery"].send_task(RUN_PREDICTION, args=[job["id"]], kwargs=rows)
     time.sleep(2)
     again = client.get(f"/api/v1/jobs/{job['id']}", headers=user["headers"]).json
     assert again == job
+
+
+def test_a_job_cancelled_before_its_message_with_rows_is_taken_stays_cancelled(client, app, user, workers,
+                                                                                iris_model):
+    version = upload(client, user["headers"], iris_model[0], name="cancelled-with-rows")
+    celery = app.extensions["celery"]
+    celery.control.cancel_consumer("predictions", reply=True)
+    try:
+        job = submit(client, user["headers"], version["id"], ROW).json
+        cancelled = client.delete(f"/api/v1/jobs/{job['id']}", headers=user["headers"]).json
+    finally:
+        celery.control.add_consumer("predictions", reply=True)
+    time.sleep(2)  # the message is taken, scored ahead of its claim, and its claim takes nothing
+    again = client.get(f"/api/v1/jobs/{job['id']}", headers=user["headers"]).json
+    assert again == cancelled and again["status"] == "cancelled" and again["attempts"] == 0
 
 
 def test_flushed_redis_loses_no_queued_job(client, app, user, workers, iris_model, redis_conn):

@@ -1,6 +1,7 @@
 """Prediction jobs end to end: the API, real Redis, real Celery worker processes, PostgreSQL."""
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -10,7 +11,7 @@ import pytest
 from sklearn.datasets import load_breast_cancer, load_iris
 from sklearn.linear_model import LogisticRegression, Ridge
 
-from common.queues import JOB_DONE_MAX_BYTES, RUN_PENDING_TTL_MS, mark_run_pending
+from common.queues import JOB_DONE_MAX_BYTES, MESSAGE_ROWS_MAX_VALUES, RUN_PENDING_TTL_MS, mark_run_pending
 from tests.conftest import upload
 
 
@@ -142,6 +143,39 @@ def test_regressor_has_no_probabilities(client, user, workers):
     assert "probabilities" not in job["result"]
 
 
+def _message_kwargs(redis_conn, job_id: str) -> dict:
+    """The keyword arguments of the queued prediction message for the job."""
+    for raw in redis_conn.lrange("predictions", 0, -1):
+        args, kwargs, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        if args[0] == job_id:
+            return kwargs
+    raise AssertionError(f"no queued message for job {job_id}")
+
+
+def test_a_small_job_of_an_idle_model_brings_its_rows_to_its_worker(client, app, user, workers, iris_model):
+    """Its worker scores them while its claim is in flight; a job over MESSAGE_ROWS_MAX_VALUES is read back."""
+    model, X = iris_model
+    small_model = upload(client, user["headers"], model, name="rows-in-message")
+    large_model = upload(client, user["headers"], model, name="rows-read-back")
+    large_rows = np.resize(X, (MESSAGE_ROWS_MAX_VALUES // 4 + 1, 4)).tolist()
+    celery = app.extensions["celery"]
+    celery.control.cancel_consumer("predictions", reply=True)
+    try:
+        small = submit(client, user["headers"], small_model["id"], X[:2].tolist()).json
+        large = submit(client, user["headers"], large_model["id"], large_rows).json
+        assert _message_kwargs(app.extensions["redis"], small["id"]) == {
+            "instances": X[:2].tolist(), "model_version_id": small_model["id"]}
+        assert _message_kwargs(app.extensions["redis"], large["id"]) == {}
+    finally:
+        celery.control.add_consumer("predictions", reply=True)
+    for job, rows in ((small, X[:2]), (large, np.asarray(large_rows))):
+        done = wait_job(client, user["headers"], job["id"])
+        assert done["status"] == "succeeded" and done["attempts"] == 1 and done["worker"]
+        assert done["result"]["predictions"] == model.predict(rows).tolist()
+        np.testing.assert_allclose(done["result"]["probabilities"], model.predict_proba(rows), rtol=1e-6)
+        assert done["timings"]["total_ms"] >= done["timings"]["queue_ms"] > 0 and not done["cache_hit"]
+
+
 def test_queued_jobs_of_one_model_are_scored_together_each_with_its_own_result(client, app, user, workers,
                                                                                iris_model):
     model, X = iris_model
@@ -184,8 +218,9 @@ def test_jobs_submitted_while_their_models_message_waits_share_it(user, iris_mod
     batches = {}
     for job in jobs:
         batches.setdefault(job["timings"]["inference_ms"], []).append(job["id"])
-    # the message's own job and 3 peers, then two more messages of 3 peers each (the last finds none left)
-    assert sorted(len(batch) for batch in batches.values()) == [3, 3, 4]
+    # the first job alone (its rows came in its message), then the message the others relied on: its own job
+    # and 3 peers, then two more messages, of 3 peers and of the last 2
+    assert sorted(len(batch) for batch in batches.values()) == [1, 2, 3, 4]
 
 
 def test_a_worker_without_batching_passes_a_shared_message_on(user, iris_model, solo_worker):

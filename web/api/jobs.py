@@ -19,7 +19,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from common.extensions import db
 from common.logging import log_context
 from common.models import FINAL_STATUSES, JobStatus, PredictionJob
-from common.queues import RUN_PREDICTION, mark_run_pending
+from common.queues import MESSAGE_ROWS_MAX_VALUES, RUN_PREDICTION, mark_run_pending
 from web.direct_sql import fetch_one
 from web.errors import ApiError, not_found
 from web.instances import validate_instances
@@ -206,14 +206,18 @@ def _watching(job_id: uuid.UUID, seconds: float):
     return current_app.extensions["job_waiter"].watch(str(job_id)) if seconds > 0 else nullcontext()
 
 
-def _enqueue(job: PredictionJob) -> bool:
+def _enqueue(job: PredictionJob, rows: list) -> bool:
     """Publish the job's message, unless a message for its model still waits in the queue: the worker that
-    takes that one claims this committed job with the model's other queued jobs (adaptive batching). False
+    takes that one claims this committed job with the model's other queued jobs (adaptive batching). A
+    small job of an idle model sends its rows along (worker/tasks/predictions.py: serve_with_rows). False
     when the broker is down (the reconciler will enqueue the job)."""
     job_id, model_id = str(job.id), str(job.model_version_id)
     waiter = current_app.extensions["job_waiter"]
+    with_rows = {}
     if current_app.extensions["settings"].adaptive_batch_max_jobs < 2 or not waiter.may_be_queueing(model_id, job_id):
         args = [job_id]  # idle: no mark, and so no Redis round trips for it here or in the worker
+        if len(rows) * len(rows[0]) <= MESSAGE_ROWS_MAX_VALUES:  # its worker scores them while claiming it
+            with_rows = {"instances": rows, "model_version_id": model_id}
     else:
         try:
             if not mark_run_pending(current_app.extensions["redis"], model_id):
@@ -221,17 +225,17 @@ def _enqueue(job: PredictionJob) -> bool:
         except redis.RedisError:
             pass  # publish() reports the broker down; the reconciler enqueues the job later
         args = [job_id, model_id]  # the worker clears the mark before it claims
-    if not publish(RUN_PREDICTION, *args):
+    if not publish(RUN_PREDICTION, *args, **with_rows):
         return False
     waiter.message_sent(model_id, job_id)
     return True
 
 
-def _publish_and_wait(job: PredictionJob, watch: Watch | None, seconds: float) -> PredictionJob:
+def _publish_and_wait(job: PredictionJob, rows: list, watch: Watch | None, seconds: float) -> PredictionJob:
     """Enqueue a new job and, if asked, wait for it on the watch its submit began: no read of its row."""
     # the message carries the job's log context, so the worker need not read it back
     with log_context(job_id=str(job.id), model_id=str(job.model_version_id)):
-        sent = _enqueue(job)
+        sent = _enqueue(job, rows)
     job_submitted(job)
     # unsent, it cannot end before the reconciler's next pass: answer now
     return _await_end(job, watch, seconds, check_first=False) if watch and sent else job
@@ -278,7 +282,7 @@ def predict(body: dict, query: dict, model_ref: str):
         job, created = _insert_job(job_id, model.id, rows, key, flush=watch is None)
         if not created:
             return _answer(_flushed(_wait_for(job, query["wait"])))
-        job = _publish_and_wait(job, watch, seconds)
+        job = _publish_and_wait(job, rows, watch, seconds)
         return _answer(_flushed(job) if watch else job)
 
 

@@ -22,10 +22,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import psycopg
 import redis
 from celery import current_app, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from common.models import JobStatus
 from common.queues import (
@@ -33,6 +35,7 @@ from common.queues import (
 )
 from worker import runtime
 from worker.observability import job_finished, model_loaded
+from worker.model_cache import CacheLookup
 from worker.serving import ModelInfo, load_model, model_info
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,7 @@ class ClaimedJob:
 
 
 _CLAIMED = "j.id, j.model_version_id, j.instances, j.attempts, j.queue_ms, j.request_id"
-_START = """status = 'running', attempts = j.attempts + 1, started_at = clock_timestamp(), worker = :worker,
+_START = """status = 'running', attempts = j.attempts + 1, started_at = clock_timestamp(), worker = {worker},
             queue_ms = extract(epoch FROM clock_timestamp() - j.created_at) * 1000"""
 # A claim commits without waiting for its WAL flush (0.5 ms of fsync on the job's path): a claim lost in a
 # PostgreSQL crash leaves its job queued, as if the message had not been taken yet, and any later synchronous
@@ -70,15 +73,21 @@ CLAIM_WITH_PEERS = text(f"""
         WHERE {_QUEUED_OF_ITS_MODEL} AND p.id <> :job_id ORDER BY p.created_at LIMIT :peers
         FOR UPDATE OF p SKIP LOCKED
     )
-    UPDATE prediction_jobs j SET {_START} FROM {_ASYNC_COMMIT}
+    UPDATE prediction_jobs j SET {_START.format(worker=":worker")} FROM {_ASYNC_COMMIT}
     WHERE j.id IN (SELECT id FROM target UNION ALL SELECT id FROM peers)
     RETURNING {_CLAIMED}""")
+# Only the message's job, if still queued: a message that carries its job's rows is sent for an idle model,
+# which no other job relies on (web/api/jobs.py: _enqueue). Sent without waiting ($1 job id, $2 worker).
+CLAIM_ALONE = f"""
+    UPDATE prediction_jobs j SET {_START.format(worker="$2")} FROM {_ASYNC_COMMIT}
+    WHERE j.id = $1 AND j.status = 'queued'
+    RETURNING j.attempts, j.queue_ms, j.request_id"""
 # The model's oldest queued job, for the next message when this worker scores one job per message.
 OLDEST_QUEUED = text(f"""
     SELECT id FROM prediction_jobs WHERE {_QUEUED_OF_ITS_MODEL} ORDER BY created_at LIMIT 1""")
 # Every job a dead process held (its message's job and the peers it was scoring with it).
 TAKE_OVER = text(f"""
-    UPDATE prediction_jobs j SET {_START} FROM {_ASYNC_COMMIT}
+    UPDATE prediction_jobs j SET {_START.format(worker=":worker")} FROM {_ASYNC_COMMIT}
     WHERE j.status = 'running' AND j.worker = :dead_worker
     RETURNING {_CLAIMED}""")
 HOLDER = text("SELECT status, worker FROM prediction_jobs WHERE id = :job_id")
@@ -200,6 +209,10 @@ def _failure(code: str, message: str) -> dict:
     return {"status": JobStatus.failed, "error": {"code": code, "message": message}}
 
 
+def _time_limit() -> dict:
+    return _failure("time_limit", f"Prediction exceeded {runtime.settings().job_soft_time_limit}s")
+
+
 def _model_error(exc: Exception) -> dict:
     message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
     return _failure("prediction_error", f"{type(exc).__name__}: {message}")
@@ -263,6 +276,41 @@ def serve(jobs: list[ClaimedJob]) -> None:
     finish([(job, {**cache, **outcome}) for job, outcome in zip(jobs, score(jobs, info, model=lookup.model))])
 
 
+def _score_alone(info: ModelInfo, job_id: uuid.UUID, instances: list) -> tuple[dict, CacheLookup | None]:
+    """One job's outcome, and the model's lookup (None when the task's time ran out first)."""
+    try:
+        lookup = load_model(info)
+        _inject_fault(info)
+        unclaimed = ClaimedJob(job_id, info.id, instances, attempts=0, queue_ms=None)
+        return score([unclaimed], info, lookup.model)[0], lookup
+    except SoftTimeLimitExceeded:
+        return _time_limit(), None
+
+
+def serve_with_rows(job_id: uuid.UUID, version_id: uuid.UUID, instances: list) -> bool:
+    """Score the rows the job's message carried while its claim is in flight (one round trip to PostgreSQL
+    less), then record the outcome as serve() does; False when the claim took nothing (the job is not
+    queued: the usual path decides what this delivery does). The claim commits before the scoring can
+    crash the process, so each attempt is counted; only first deliveries come here, so a job that crashed
+    its process is claimed, and checked against the attempt cap, before it is scored again."""
+    info = model_info(version_id)
+    with runtime.in_flight(CLAIM_ALONE, [str(job_id), runtime.identity()]) as claimed:
+        outcome, lookup = _score_alone(info, job_id, instances)
+        rows = claimed()
+    if not rows:
+        return False
+    attempts, queue_ms, request_id = rows[0]
+    job = ClaimedJob(job_id, version_id, instances, int(attempts), float(queue_ms), request_id)
+    if job.attempts > runtime.settings().job_max_attempts:
+        serve([job])  # records the exhausted attempts
+        return True
+    if lookup is not None:
+        model_loaded(lookup)
+        outcome = {"cache_hit": lookup.hit, "load_ms": lookup.load_seconds * 1000, **outcome}
+    finish([(job, outcome)])
+    return True
+
+
 def _take_over_if_orphaned(job_id: uuid.UUID) -> list[ClaimedJob]:
     """The jobs a dead process held, if it held this running job; else nothing (finished, cancelled or
     deleted; or held by a live or remote worker, e.g. scored in a peer's batch: that worker records it,
@@ -298,11 +346,20 @@ def _clear_run_pending(model_id: str) -> None:
         log.warning("could not clear the model's pending message mark", extra={"error": str(exc)})
 
 
-@shared_task(name=RUN_PREDICTION)
-def run_prediction(job_id: str, model_id: str | None = None) -> None:
+@shared_task(name=RUN_PREDICTION, bind=True)
+def run_prediction(self, job_id: str, model_id: str | None = None, instances: list | None = None,
+                   model_version_id: str | None = None) -> None:
     """Run a prediction job and the queued jobs of its model; a duplicate delivery of a finished job writes
-    nothing. `model_id` (from the web, not the reconciler) says the message was its model's pending one."""
+    nothing. `model_id` (from the web, not the reconciler) says the message was its model's pending one;
+    `instances` and `model_version_id`, that the job's rows came with it (a small job of an idle model)."""
     job_uuid = uuid.UUID(job_id)
+    if instances is not None and not (self.request.delivery_info or {}).get("redelivered"):
+        try:
+            if serve_with_rows(job_uuid, uuid.UUID(model_version_id), instances):
+                return
+        except (psycopg.Error, DBAPIError, LookupError) as exc:  # the usual claim (which retries) finds the job
+            log.warning("could not serve the job with the rows its message carried; claiming it as usual",
+                        extra={"error": str(exc)})  # queued, held by this process, or gone
     if model_id:  # before claiming: any job that skipped its own message is committed by now
         _clear_run_pending(model_id)
     jobs, full = claim(job_uuid)
@@ -315,5 +372,4 @@ def run_prediction(job_id: str, model_id: str | None = None) -> None:
     try:
         serve(jobs)
     except SoftTimeLimitExceeded:
-        limit = runtime.settings().job_soft_time_limit
-        finish([(job, _failure("time_limit", f"Prediction exceeded {limit}s")) for job in jobs])
+        finish([(job, _time_limit()) for job in jobs])
