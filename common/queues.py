@@ -78,8 +78,6 @@ def create_celery(settings: Settings, name: str = "inferq") -> Celery:
     return app
 
 
-JOB_DONE_PATTERN = "inferq:job-done:*"
-
 # While a RUN_PREDICTION message for a model waits in the queue, the worker that takes it will claim the
 # model's other queued jobs too (adaptive batching): a job submitted meanwhile needs no message of its own.
 # The mark expires, so a message lost with the mark still set (Redis failing between the two commands)
@@ -114,16 +112,29 @@ JOB_DONE_FIELDS = ("status", "result", "error", "cache_hit", "load_ms", "inferen
 _TIMES = ("started_at", "finished_at")
 
 
-def job_done_channel(job_id: str) -> str:
-    """Redis pub/sub channel a worker publishes on when a job ends; `?wait` listens to JOB_DONE_PATTERN."""
-    return f"inferq:job-done:{job_id}"
-
-
 def job_done_message(row: dict) -> str:
-    """A job's end as announced on its channel: a copy of the row the worker just committed (the row stays
+    """A job's end as announced on its list: a copy of the row the worker just committed (the row stays
     the source of truth), so a waiting request need not read it back; only the status when it is large."""
     message = json.dumps({key: row.get(key) for key in JOB_DONE_FIELDS}, default=datetime.isoformat)
     return message if len(message) <= JOB_DONE_MAX_BYTES else json.dumps({"status": row["status"]})
+
+
+# How long a job's end stays readable in Redis: a waiter reads it within moments (it starts waiting right after
+# submitting, or right after reading the row unfinished); the row stays the source of truth after that.
+JOB_DONE_TTL_SECONDS = 10
+
+
+def job_done_key(job_id: str) -> str:
+    """The Redis list that holds a job's end (its job-done message) for JOB_DONE_TTL_SECONDS; `?wait` blocks on
+    it (web/job_waiter.py)."""
+    return f"inferq:job-done:{job_id}"
+
+
+def announce_job_done(pipe: redis.client.Pipeline, job_id: str, row: dict) -> None:
+    """Queue on `pipe` the commands that announce a job's end: its job-done message on its list, which expires."""
+    key = job_done_key(job_id)
+    pipe.lpush(key, job_done_message(row))
+    pipe.expire(key, JOB_DONE_TTL_SECONDS)
 
 
 def read_job_done(message: bytes | str) -> dict | None:

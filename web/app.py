@@ -86,9 +86,7 @@ def register_extensions(app: Flask, settings: Settings) -> None:
     limiter.init_app(app)
     api.init_app(app, spec_kwargs={"components": {"securitySchemes": SECURITY_SCHEMES}})
     app.extensions["redis"] = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
-    # its own client: the listener blocks on reads, so it must not share the request threads' timeouts
-    app.extensions["job_waiter"] = JobWaiter(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
-                                                                  health_check_interval=30))
+    app.extensions["job_waiter"] = JobWaiter(app.extensions["redis"])
     celery = create_celery(settings, "inferq-web")
     celery.conf.broker_transport_options = {**celery.conf.broker_transport_options, **FAIL_FAST}
     app.extensions["celery"] = celery

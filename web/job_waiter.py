@@ -1,11 +1,13 @@
-"""Wake request threads when their job ends: one Redis pattern subscription per web process.
+"""Wake request threads when their job ends: each `?wait` request blocks on its own job's end in Redis.
 
-A `?wait` request watches its job id; a single listener thread hands each "job done" message published
-by a worker to the watches of that job. The message carries the fields the worker just committed, so a
-woken request answers without reading the row back; no connection per request, no polling.
+A worker that records a job's end pushes it (the fields it just committed) onto the job's list, which
+lives for JOB_DONE_TTL_SECONDS. A waiting request thread reads it with a blocking `BLMOVE` of the list
+onto itself, which leaves the message for any other waiter of the same job; the message stays readable
+after the job ends, so a waiter may start before or after that. No listener thread, no polling, and a
+web process reads only the ends of the jobs it waits for.
 
-Hearing every job's end, it also tells the submit path whether a model's jobs may be queueing up in this
-process (`may_be_queueing`), which decides whether a job may rely on its model's waiting message.
+It also tells the submit path whether a model's jobs may be queueing up in this process
+(`may_be_queueing`), which decides whether a job may rely on its model's waiting message.
 """
 from __future__ import annotations
 
@@ -17,121 +19,111 @@ from contextlib import contextmanager
 
 import redis
 
-from common.queues import JOB_DONE_PATTERN, read_job_done
+from common.queues import RUN_PENDING_TTL_MS, job_done_key, read_job_done
 
 log = logging.getLogger(__name__)
 
+# A blocking read lasts at most this long, so a Redis that stops answering is noticed within the client's
+# socket timeout; a read that returns empty-handed costs one round trip a second.
+READ_SLICE_SECONDS = 1.0
+# After Redis failed a read, the waiter reads the row and tries Redis again this much later.
+RETRY_PAUSE_SECONDS = 0.5
+# How long a message this process published counts as possibly still waiting when no request here hears its
+# job's end (one submitted without ?wait, or whose wait ran out). Longer than a pending mark lives, so that a
+# job left behind a marked message that was lost is claimed with the model's next job (common/queues.py).
+UNHEARD_MESSAGE_SECONDS = 2 * RUN_PENDING_TTL_MS / 1000
+
 
 class Watch:
-    """One request's interest in one job's end."""
+    """One request's wait for one job's end."""
 
-    def __init__(self) -> None:
-        self._woken = threading.Event()
-        self.final: dict | None = None
-
-    def wake(self, final: dict | None) -> None:
-        if final is not None:
-            self.final = final
-        self._woken.set()
+    def __init__(self, client: redis.Redis, job_id: str, on_end: Callable[[str], None]):
+        self._client = client
+        self._key = job_done_key(job_id)
+        self._job_id = job_id
+        self._on_end = on_end
 
     def wait(self, seconds: float, finished: Callable[[], bool]) -> dict | None:
-        """The job's final fields once its end is announced; None when time is up, or when a wake-up without
-        fields (a lost subscription, a large result) finds `finished()` true: the caller then has the row."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0 and self._woken.wait(left):
-            self._woken.clear()
-            if self.final is not None:
-                return self.final
-            if finished():
-                return None
+        """The job's final fields once its end is announced; None when time is up, or when the announcement
+        has no fields (a large result) or Redis failed and `finished()` is true: the caller then has the row."""
+        deadline, check = time.monotonic() + seconds, False
+        while (left := deadline - time.monotonic()) > 0:
+            if check and finished():  # Redis failed: the job may have ended unannounced meanwhile
+                return self._ended(None)
+            try:
+                message = self._client.blmove(self._key, self._key, min(left, READ_SLICE_SECONDS), "RIGHT", "LEFT")
+            except redis.RedisError as exc:
+                log.warning("could not read a job's end; reading its row", extra={"error": str(exc)})
+                check = True
+                time.sleep(min(max(left, 0), RETRY_PAUSE_SECONDS))
+                continue
+            check = False
+            if message is not None:
+                return self._ended(self._read(message, finished))
         return None
+
+    def _read(self, message: bytes, finished: Callable[[], bool]) -> dict | None:
+        try:
+            if (final := read_job_done(message)) is not None:
+                return final
+        except (ValueError, TypeError):  # not a message we can read: the row says how the job ended
+            log.warning("unreadable job-done message", extra={"job_id": self._job_id})
+        finished()
+        return None
+
+    def _ended(self, final: dict | None) -> dict | None:
+        self._on_end(self._job_id)
+        return final
 
 
 class JobWaiter:
     def __init__(self, client: redis.Redis):
         self._client = client
-        self._watches: dict[str, set[Watch]] = {}
-        # per model, the job of the last message this process published whose end it has not heard yet
-        self._last_sent: dict[str, str] = {}
+        self._watched: dict[str, int] = {}  # job id -> requests of this process waiting for it
+        # per model, the job of the last message this process published and when, until its end is heard
+        self._last_sent: dict[str, tuple[str, float]] = {}
         self._model_of_sent: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
 
     def message_sent(self, model_id: str, job_id: str) -> None:
         """A message for the model's job was published from this process."""
         with self._lock:
-            self._model_of_sent.pop(self._last_sent.get(model_id, ""), None)
-            self._last_sent[model_id] = job_id
+            self._model_of_sent.pop(self._last_sent.get(model_id, ("",))[0], None)
+            self._last_sent[model_id] = (job_id, time.monotonic())
             self._model_of_sent[job_id] = model_id
-        self._ensure_listening()
 
     def may_be_queueing(self, model_id: str, job_id: str) -> bool:
         """Whether jobs of the model may be queueing up, as this process sees it: another request here waits
-        for its job, or the job of the last message this process published for the model has not ended.
-        A hint (a missed announcement leaves it True until the model's next message): either answer is
+        for its job, or the job of the last message this process published for the model has not been heard
+        to end (for at most UNHEARD_MESSAGE_SECONDS when nobody here waits for it). A hint: either answer is
         safe, a wrong one costs only speed (web/api/jobs.py: _enqueue)."""
         with self._lock:
-            return model_id in self._last_sent or len(self._watches) > (job_id in self._watches)
+            if len(self._watched) > (job_id in self._watched):
+                return True
+            sent = self._last_sent.get(model_id)
+            if sent is None:
+                return False
+            if sent[0] in self._watched or time.monotonic() - sent[1] < UNHEARD_MESSAGE_SECONDS:
+                return True
+            self._forget(sent[0])
+            return False
 
     @contextmanager
     def watch(self, job_id: str) -> Iterator[Watch]:
-        """Watch a job's end from now on: enter before its message is published (or before reading its
-        status), and no announcement can be missed."""
-        watch = Watch()
+        """A wait for the job's end, counted (may_be_queueing) from now on."""
         with self._lock:
-            self._watches.setdefault(job_id, set()).add(watch)
+            self._watched[job_id] = self._watched.get(job_id, 0) + 1
         try:
-            self._ensure_listening()  # no need to wait for it: on subscribing it wakes every watch
-            yield watch
+            yield Watch(self._client, job_id, self._heard_end)
         finally:
             with self._lock:
-                watches = self._watches.get(job_id, set())
-                watches.discard(watch)
-                if not watches:
-                    self._watches.pop(job_id, None)
+                if (left := self._watched.pop(job_id) - 1) > 0:
+                    self._watched[job_id] = left
 
-    def _ensure_listening(self) -> None:
+    def _heard_end(self, job_id: str) -> None:
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._listen_forever, name="job-waiter", daemon=True)
-                self._thread.start()
+            self._forget(job_id)
 
-    def _wake(self, job_id: str | None = None, final: dict | None = None) -> None:
-        with self._lock:
-            targets = self._watches.get(job_id, set()) if job_id else set().union(*self._watches.values())
-            for watch in targets:
-                watch.wake(final)
-
-    def _listen_forever(self) -> None:
-        while True:
-            try:
-                self._listen()
-            except redis.RedisError as exc:
-                log.warning("job wake-up subscription lost; retrying", extra={"error": str(exc)})
-            self._wake()  # messages may have been missed: every waiter re-reads its job
-            time.sleep(1.0)
-
-    def _listen(self) -> None:
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.psubscribe(JOB_DONE_PATTERN)
-            pubsub.get_message(timeout=5.0)  # the subscription's confirmation
-            self._wake()  # anything finished while we were connecting
-            for message in pubsub.listen():
-                if message["type"] == "pmessage":
-                    self._announce(message["channel"].decode().rsplit(":", 1)[1], message["data"])
-        finally:
-            pubsub.close()
-
-    def _announce(self, job_id: str, data: bytes) -> None:
-        with self._lock:
-            if (model_id := self._model_of_sent.pop(job_id, None)) is not None:
-                del self._last_sent[model_id]
-            if job_id not in self._watches:  # every process hears every job; most are not waited for here
-                return
-        try:
-            final = read_job_done(data)
-        except (ValueError, TypeError):  # not a message we can read: the waiters read the row instead
-            log.warning("unreadable job-done message", extra={"job_id": job_id})
-            final = None
-        self._wake(job_id, final)
+    def _forget(self, job_id: str) -> None:
+        if (model_id := self._model_of_sent.pop(job_id, None)) is not None:
+            del self._last_sent[model_id]

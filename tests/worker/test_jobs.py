@@ -67,6 +67,37 @@ def test_wait_that_runs_out_answers_the_row_as_it_is_then(client, user, workers,
     assert wait_job(client, user["headers"], answer.json["id"])["status"] == "succeeded"
 
 
+def test_a_wait_that_loses_redis_answers_once_the_job_ends(settings, client, user, workers, iris_model):
+    """The announcement is only a wake-up: a waiting request that can no longer reach Redis reads the job's row
+    instead, and answers when the job ends, not when its wait runs out."""
+    import threading
+    from dataclasses import replace
+    from urllib.parse import urlsplit
+
+    from tests.tcp_proxy import CuttableProxy
+    from web.app import create_app
+
+    redis_at = urlsplit(settings.redis_url)
+    proxy = CuttableProxy((redis_at.hostname, redis_at.port or 6379))
+    web = create_app(replace(settings, redis_url=f"redis://127.0.0.1:{proxy.port}{redis_at.path}")).test_client()
+    version = upload(client, user["headers"], iris_model[0], name="fault-slow-2")
+    answers = []
+    waiting = threading.Thread(target=lambda: answers.append(
+        (submit(web, user["headers"], version["id"], [[5.0, 3.0, 1.5, 0.2]], wait=25), time.monotonic())))
+    waiting.start()
+    deadline = time.monotonic() + 15
+    while not client.get(f"/api/v1/jobs?model_id={version['id']}&status=running", headers=user["headers"]).json["items"]:
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.05)
+    cut_at = time.monotonic()  # the job is running (2 s) and its request waits on Redis through the proxy
+    proxy.cut_off()
+    waiting.join(30)
+    (answer, answered_at), = answers
+    assert answer.status_code == 200 and answer.json["status"] == "succeeded", answer.json
+    assert answer.json["result"]["predictions"] == [0]
+    assert answered_at - cut_at < 8  # the job's 2 s and a few retries, not the 25 s wait
+
+
 def test_submit_without_wait_is_202_and_poll_finds_the_result(client, user, workers, iris_model, iris_version):
     response = submit(client, user["headers"], iris_version["id"], iris_model[1][:1].tolist())
     assert response.status_code == 202

@@ -182,7 +182,7 @@ def _await_end(job: PredictionJob, watch: Watch, seconds: float, check_first: bo
         db.session.commit()  # end the read: a waiting request holds no database connection
         return job.status in FINAL_STATUSES
 
-    if check_first and finished():  # it may have ended before the watch began
+    if check_first and finished():  # it may have ended long ago: its announcement expires
         return job
     final = watch.wait(seconds, finished)
     if final is not None:
@@ -193,7 +193,7 @@ def _await_end(job: PredictionJob, watch: Watch, seconds: float, check_first: bo
 
 
 def _wait_for(job: PredictionJob, seconds: float) -> PredictionJob:
-    """The job once it ends (announced on pub/sub), or as its row is after `seconds`."""
+    """The job once it ends (announced in Redis), or as its row is after `seconds`."""
     seconds = _wait_seconds(seconds)
     if seconds <= 0 or job.status in FINAL_STATUSES:
         return job
@@ -276,8 +276,8 @@ def predict(body: dict, query: dict, model_ref: str):
     limit = current_app.extensions["settings"].max_instances_per_job
     rows = validate_instances(model, body["instances"], limit)
     job_id, seconds = uuid.uuid4(), _wait_seconds(query["wait"])
-    # watched before its row exists: once committed, a worker scoring queued jobs of this model together
-    # (adaptive batching) may claim and finish it before its own message is published
+    # watched from before its row exists, so that other submits here see a request waiting (may_be_queueing);
+    # its end stays readable in Redis, so one announced before the wait begins is not missed
     with _watching(job_id, seconds) as watch:
         job, created = _insert_job(job_id, model.id, rows, key, flush=watch is None)
         if not created:

@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 
 from common.models import JobStatus
 from common.queues import (
-    BROKER_ERRORS, JOB_DONE_FIELDS, RUN_PREDICTION, clear_run_pending, job_done_channel, job_done_message,
+    BROKER_ERRORS, JOB_DONE_FIELDS, RUN_PREDICTION, announce_job_done, clear_run_pending,
 )
 from worker import runtime
 from worker.observability import job_finished, model_loaded
@@ -228,9 +228,9 @@ def finish(outcomes: list[tuple[ClaimedJob, dict]]) -> int:
     try:
         with runtime.redis_client().pipeline(transaction=False) as pipe:
             for job, _ in recorded:
-                pipe.publish(job_done_channel(str(job.id)), job_done_message(written[job.id]))
+                announce_job_done(pipe, str(job.id), written[job.id])
             pipe.execute()
-    except redis.RedisError as exc:  # only wake-ups: waiters re-read their jobs once the web resubscribes
+    except redis.RedisError as exc:  # only wake-ups: a waiter that cannot read Redis reads the row instead
         log.warning("could not announce finished jobs", extra={"jobs": len(recorded), "error": str(exc)})
     for job, values in recorded:  # after the wake-ups: waiting clients need not wait for logs and metrics
         job_finished(job, values)
