@@ -14,7 +14,6 @@ from web import metrics
 REQUEST_ID_HEADER = "X-Request-ID"
 QUIET_ROUTES = {"/health", "/health/ready", "/metrics"}  # probes and scrapes log at DEBUG only
 access_log = logging.getLogger("inferq.web.access")
-log = logging.getLogger("inferq.web")
 
 
 def request_id() -> str:
@@ -42,9 +41,9 @@ class RequestContextFilter(logging.Filter):
 
 
 def job_submitted(job: PredictionJob) -> None:
-    """Count and log a job whose message was just published."""
+    """Count a job just submitted; the request's access line will name it (one line per submit, not two)."""
     metrics.record_job_submitted(job.model_version_id)
-    log.info("job submitted", extra={"job_id": str(job.id), "model_id": str(job.model_version_id)})
+    g.submitted_job = {"job_id": str(job.id), "model_id": str(job.model_version_id)}
 
 
 def _start_timer() -> None:
@@ -71,6 +70,7 @@ def _record(response: Response) -> Response:
                   "bytes": response.content_length, "request_id": request_id()}
         if user_id := _user_id():
             fields["user_id"] = user_id
+        fields.update(g.get("submitted_job", {}))
         response.call_on_close(lambda: access_log.log(level, "request", extra=fields))
     return response
 
