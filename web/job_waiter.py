@@ -34,6 +34,11 @@ RETRY_PAUSE_SECONDS = 0.5
 UNHEARD_MESSAGE_SECONDS = 2 * RUN_PENDING_TTL_MS / 1000
 
 
+def _block_for(left: float) -> float:
+    """A blocking read's timeout: at most a slice, and never 0 (which would block until the socket times out)."""
+    return max(0.01, min(left, READ_SLICE_SECONDS))
+
+
 class Watch:
     """One request's wait for one job's end."""
 
@@ -51,11 +56,12 @@ class Watch:
             if check and finished():  # Redis failed: the job may have ended unannounced meanwhile
                 return self._ended(None)
             try:
-                message = self._client.blmove(self._key, self._key, min(left, READ_SLICE_SECONDS), "RIGHT", "LEFT")
+                message = self._client.blmove(self._key, self._key, _block_for(left), "RIGHT", "LEFT")
             except redis.RedisError as exc:
-                log.warning("could not read a job's end; reading its row", extra={"error": str(exc)})
+                if not check:  # once per outage of this wait, not once per retry
+                    log.warning("could not read a job's end; reading its row", extra={"error": str(exc)})
                 check = True
-                time.sleep(min(max(left, 0), RETRY_PAUSE_SECONDS))
+                time.sleep(min(left, RETRY_PAUSE_SECONDS))
                 continue
             check = False
             if message is not None:
