@@ -50,22 +50,26 @@ class Watch:
 
     def wait(self, seconds: float, finished: Callable[[], bool]) -> dict | None:
         """The job's final fields once its end is announced; None when time is up, or when the announcement
-        has no fields (a large result) or Redis failed and `finished()` is true: the caller then has the row."""
-        deadline, check = time.monotonic() + seconds, False
+        has no fields (a large result) or Redis was unreachable and `finished()` is true: the caller then has
+        the row."""
+        deadline, unreachable = time.monotonic() + seconds, False
         while (left := deadline - time.monotonic()) > 0:
-            if check and finished():  # Redis failed: the job may have ended unannounced meanwhile
-                return self._ended(None)
             try:
                 message = self._client.blmove(self._key, self._key, _block_for(left), "RIGHT", "LEFT")
             except redis.RedisError as exc:
-                if not check:  # once per outage of this wait, not once per retry
+                if not unreachable:  # once per outage of this wait, not once per retry
                     log.warning("could not read a job's end; reading its row", extra={"error": str(exc)})
-                check = True
+                unreachable = True
                 time.sleep(min(left, RETRY_PAUSE_SECONDS))
+                if finished():  # the job may end while its announcement cannot be read
+                    return self._ended(None)
                 continue
-            check = False
             if message is not None:
                 return self._ended(self._read(message, finished))
+            if unreachable:  # Redis is back: an end announced while it was away is lost, so read the row once more
+                unreachable = False
+                if finished():
+                    return self._ended(None)
         return None
 
     def _read(self, message: bytes, finished: Callable[[], bool]) -> dict | None:
