@@ -270,10 +270,15 @@ def serve(jobs: list[ClaimedJob]) -> None:
         return
     info = model_info(jobs[0].model_version_id)
     lookup = load_model(info)
-    model_loaded(lookup)
+    cache = _cache_fields(lookup)
     _inject_fault(info)
-    cache = {"cache_hit": lookup.hit, "load_ms": lookup.load_seconds * 1000}
     finish([(job, {**cache, **outcome}) for job, outcome in zip(jobs, score(jobs, info, model=lookup.model))])
+
+
+def _cache_fields(lookup: CacheLookup) -> dict:
+    """Count the model lookup, and the fields it gives each job scored with it."""
+    model_loaded(lookup)
+    return {"cache_hit": lookup.hit, "load_ms": lookup.load_seconds * 1000}
 
 
 def _score_alone(info: ModelInfo, job_id: uuid.UUID, instances: list) -> tuple[dict, CacheLookup | None]:
@@ -305,8 +310,7 @@ def serve_with_rows(job_id: uuid.UUID, version_id: uuid.UUID, instances: list) -
         serve([job])  # records the exhausted attempts
         return True
     if lookup is not None:
-        model_loaded(lookup)
-        outcome = {"cache_hit": lookup.hit, "load_ms": lookup.load_seconds * 1000, **outcome}
+        outcome = {**_cache_fields(lookup), **outcome}
     finish([(job, outcome)])
     return True
 
