@@ -38,6 +38,8 @@ logconfig_dict = {
         # inferq.web.access logs each request (request id, route, status, duration, client address, size;
         # probes and scrapes at DEBUG): gunicorn's own access line would say it twice
         "gunicorn.access": {"level": "WARNING", "handlers": [], "propagate": True},
+        # alembic (imported by Flask-Migrate) announces each of its plugins at INFO in every new web process
+        "alembic.runtime.plugins": {"level": "WARNING", "handlers": [], "propagate": True},
     },
 }
 
