@@ -26,7 +26,10 @@ class CuttableProxy:
 
     def _accept(self) -> None:
         while True:
-            client, _ = self.listener.accept()
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
             if self.cut.is_set():
                 client.close()
                 continue
@@ -62,3 +65,14 @@ class CuttableProxy:
 
     def restore(self) -> None:
         self.cut.clear()
+
+    def close(self) -> None:
+        """Drop every connection and stop listening."""
+        self.cut_off()
+        self.listener.close()
+
+    def __enter__(self) -> "CuttableProxy":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

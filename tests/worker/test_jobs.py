@@ -78,20 +78,21 @@ def test_a_wait_that_loses_redis_answers_once_the_job_ends(settings, client, use
     from web.app import create_app
 
     redis_at = urlsplit(settings.redis_url)
-    proxy = CuttableProxy((redis_at.hostname, redis_at.port or 6379))
-    web = create_app(replace(settings, redis_url=f"redis://127.0.0.1:{proxy.port}{redis_at.path}")).test_client()
     version = upload(client, user["headers"], iris_model[0], name="fault-slow-2")
-    answers = []
-    waiting = threading.Thread(target=lambda: answers.append(
-        (submit(web, user["headers"], version["id"], [[5.0, 3.0, 1.5, 0.2]], wait=25), time.monotonic())))
-    waiting.start()
-    deadline = time.monotonic() + 15
-    while not client.get(f"/api/v1/jobs?model_id={version['id']}&status=running", headers=user["headers"]).json["items"]:
-        assert time.monotonic() < deadline, "the job never started"
-        time.sleep(0.05)
-    cut_at = time.monotonic()  # the job is running (2 s) and its request waits on Redis through the proxy
-    proxy.cut_off()
-    waiting.join(30)
+    with CuttableProxy((redis_at.hostname, redis_at.port or 6379)) as proxy:
+        web = create_app(replace(settings, redis_url=f"redis://127.0.0.1:{proxy.port}{redis_at.path}")).test_client()
+        answers = []
+        waiting = threading.Thread(target=lambda: answers.append(
+            (submit(web, user["headers"], version["id"], [[5.0, 3.0, 1.5, 0.2]], wait=25), time.monotonic())))
+        waiting.start()
+        deadline = time.monotonic() + 15
+        while not client.get(f"/api/v1/jobs?model_id={version['id']}&status=running",
+                             headers=user["headers"]).json["items"]:
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.05)
+        cut_at = time.monotonic()  # the job is running (2 s) and its request waits on Redis through the proxy
+        proxy.cut_off()
+        waiting.join(30)
     (answer, answered_at), = answers
     assert answer.status_code == 200 and answer.json["status"] == "succeeded", answer.json
     assert answer.json["result"]["predictions"] == [0]
