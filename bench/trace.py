@@ -6,8 +6,8 @@ Brings up the bench's stack with its web and worker apps wrapped (`web_app()` he
 the workers) so that each process appends `job_id stage nanoseconds` to $BENCH_TRACE_DIR/<pid>.txt at fixed
 points of a job's path; the client stamps its send and its answer. Prints each hop's p50 over the jobs
 (sequential), or the p50 and mean of each hop over every job of N concurrent clients. A job whose rows came
-in its message (an idle model's) is scored while its claim is in flight: its "claim" hop includes the
-scoring, and "model lookup + predict" is negative.
+in its message (an idle model's) is scored while its claim is in flight, and its FINISH is sent behind the claim:
+its "claim" hop is the scoring (so "model lookup + predict" is negative) and "FINISH" the wait for both answers.
 """
 from __future__ import annotations
 
@@ -158,21 +158,28 @@ def _worker_app():
         return outcomes
 
     predictions.claim, predictions.score = claim, score
-    inner_in_flight = predictions.runtime.in_flight
+    inner_pipeline = predictions.runtime.pipeline
 
     @contextlib.contextmanager
-    def in_flight(sql, params):  # the claim of a job whose rows came in its message: answered after scoring
-        with inner_in_flight(sql, params) as rows:
-            def claimed():
-                found = rows()
-                if found:
-                    stamp(params[0], "child_claimed")
-                    stamp(params[0], "batch_of_1")
-                return found
+    def pipeline(sql, params):  # a job whose rows came in its message: its claim and FINISH answered together
+        with inner_pipeline(sql, params) as sent:
+            inner_send, inner_results = sent.send, sent.results
 
-            yield claimed
+            def send(*args):
+                stamp(params[0], "child_claimed")
+                stamp(params[0], "batch_of_1")
+                inner_send(*args)
 
-    predictions.runtime.in_flight = in_flight
+            def results():
+                answers = inner_results()
+                if answers[-1]:
+                    stamp(params[0], "child_finished")
+                return answers
+
+            sent.send, sent.results = send, results
+            yield sent
+
+    predictions.runtime.pipeline = pipeline
     inner_execute = predictions.runtime.execute
 
     def execute(statement, params=None, *a, **kw):

@@ -15,6 +15,7 @@ from typing import Iterator, TypeVar
 import psycopg
 import redis
 from psycopg import pq
+from psycopg.adapt import Transformer
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, TextClause, create_engine
 from sqlalchemy.exc import DBAPIError
@@ -83,31 +84,61 @@ def execute(statement: TextClause, params: dict | None = None) -> list[tuple]:
     return with_db_retry(run)
 
 
+class Pipeline:
+    """Statements on one connection in libpq's pipeline mode: each goes to PostgreSQL as soon as it is sent, without
+    waiting for the answer to the one before, and commits on its own; the sender reads every answer at the end."""
+
+    def __init__(self, connection: psycopg.Connection):
+        self._pgconn = connection.pgconn
+        self._rows = Transformer(connection)
+        self._unread = 0
+
+    def send(self, sql: str, params: list[str]) -> None:
+        """Send a statement (`$1`... parameters, as text)."""
+        self._pgconn.send_query_params(sql.encode(), [p.encode() for p in params])
+        self._pgconn.pipeline_sync()  # ends its implicit transaction, so it commits, and flushes it to PostgreSQL
+        self._unread += 1
+
+    def results(self) -> list[list[dict]]:
+        """Each statement's rows, in the order sent; once every answer is read, the first failure is raised."""
+        answers = [self._read_one() for _ in range(self._unread)]
+        self._unread = 0
+        if failures := [answer for answer in answers if isinstance(answer, Exception)]:
+            raise failures[0]
+        return answers
+
+    def _read_one(self) -> list[dict] | psycopg.Error:
+        answer: list[dict] | psycopg.Error = []
+        while (result := self._pgconn.get_result()) is not None:
+            if result.status == pq.ExecStatus.TUPLES_OK:
+                self._rows.set_pgresult(result)
+                names = [result.fname(i).decode() for i in range(result.nfields)]
+                answer = [dict(zip(names, row)) for row in self._rows.load_rows(0, result.ntuples, tuple)]
+            elif result.status != pq.ExecStatus.COMMAND_OK:
+                answer = psycopg.DatabaseError(result.error_message.decode(errors="replace").strip())
+        sync = self._pgconn.get_result()
+        if sync is None or sync.status != pq.ExecStatus.PIPELINE_SYNC:
+            raise psycopg.OperationalError(self._pgconn.error_message.decode(errors="replace").strip()
+                                           or "the connection was lost in the middle of a pipeline")
+        return answer
+
+
 @contextmanager
-def in_flight(sql: str, params: list[str]) -> Iterator[Callable[[], list[list[str | None]]]]:
-    """Send one statement (`$1`... parameters, as text) on a pooled connection and run the block while
-    PostgreSQL executes and commits it; the block reads its rows (as text) with the function it is given.
-    A connection whose results went unread, or that failed, is discarded rather than pooled."""
+def pipeline(sql: str, params: list[str]) -> Iterator[Pipeline]:
+    """Send a statement on a pooled connection and run the block while PostgreSQL executes and commits it; the
+    block may send more behind it, and must read the answers (Pipeline.results). A connection left with answers
+    unread (the block raised) or that failed is discarded rather than pooled."""
     connection = _autocommit_engine().raw_connection()
-    pgconn, done = connection.driver_connection.pgconn, False
-
-    def rows() -> list[list[str | None]]:
-        nonlocal done
-        out = []
-        while (result := pgconn.get_result()) is not None:
-            if result.status != pq.ExecStatus.TUPLES_OK:
-                raise psycopg.DatabaseError(result.error_message.decode(errors="replace"))
-            out += [[None if (v := result.get_value(r, c)) is None else v.decode() for c in range(result.nfields)]
-                    for r in range(result.ntuples)]
-        done = True
-        return out
-
     try:
-        pgconn.send_query_params(sql.encode(), [p.encode() for p in params])
-        yield rows
+        connection.driver_connection.pgconn.enter_pipeline_mode()
+        sent = Pipeline(connection.driver_connection)
+        sent.send(sql, params)
+        yield sent
+        connection.driver_connection.pgconn.exit_pipeline_mode()  # fails while answers are unread
+    except BaseException:
+        connection.invalidate()
+        raise
     finally:
-        if not done:
-            connection.invalidate()
         connection.close()
 
 

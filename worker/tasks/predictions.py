@@ -92,14 +92,19 @@ TAKE_OVER = text(f"""
     RETURNING {_CLAIMED}""")
 HOLDER = text("SELECT status, worker FROM prediction_jobs WHERE id = :job_id")
 # One statement records every outcome; the status and attempt guards make a stale attempt write nothing.
-FINISH = text("""
+_FINISH = """
     UPDATE prediction_jobs j SET status = v.status, result = v.result, error = v.error, cache_hit = v.cache_hit,
            load_ms = v.load_ms, inference_ms = v.inference_ms, finished_at = clock_timestamp(),
            total_ms = extract(epoch FROM clock_timestamp() - j.created_at) * 1000
-    FROM jsonb_to_recordset(CAST(:outcomes AS jsonb)) AS v(id uuid, attempts int, status text, result jsonb,
+    FROM jsonb_to_recordset(CAST({outcomes} AS jsonb)) AS v(id uuid, attempts int, status text, result jsonb,
          error jsonb, cache_hit boolean, load_ms float8, inference_ms float8)
-    WHERE j.id = v.id AND j.status = 'running' AND j.attempts = v.attempts
-    RETURNING j.id, """ + ", ".join(f"j.{field}" for field in JOB_DONE_FIELDS))
+    WHERE j.id = v.id AND j.status = 'running' AND {attempt_holds}
+    RETURNING j.id, j.request_id, """ + ", ".join(f"j.{field}" for field in JOB_DONE_FIELDS)
+FINISH = text(_FINISH.format(outcomes=":outcomes", attempt_holds="j.attempts = v.attempts"))
+# The outcome of a job whose CLAIM_ALONE went ahead of it on the same connection ($1 outcomes, $2 worker, $3 the
+# attempt cap): it holds while that claim's attempt, within the cap, is this process's (a pool child runs one
+# task at a time, and a job running here is taken over only once this process is dead).
+FINISH_CLAIMED_AHEAD = _FINISH.format(outcomes="$1", attempt_holds="j.worker = $2 AND j.attempts <= $3")
 
 
 def _claim(statement, **params) -> list[ClaimedJob]:
@@ -218,12 +223,20 @@ def _model_error(exc: Exception) -> dict:
     return _failure("prediction_error", f"{type(exc).__name__}: {message}")
 
 
+def _outcomes_json(outcomes: list[tuple[ClaimedJob, dict]]) -> str:
+    return json.dumps([{"id": str(job.id), "attempts": job.attempts, "status": values["status"].value,
+                        **{k: v for k, v in values.items() if k != "status"}} for job, values in outcomes])
+
+
 def finish(outcomes: list[tuple[ClaimedJob, dict]]) -> int:
-    """Record outcomes in one statement, each only if its attempt still holds the job; announce each one written
-    (the announcement is the row as PostgreSQL stored it, returned by the same statement)."""
-    payload = json.dumps([{"id": str(job.id), "attempts": job.attempts, "status": values["status"].value,
-                           **{k: v for k, v in values.items() if k != "status"}} for job, values in outcomes])
-    written = {row.id: row._asdict() for row in runtime.execute(FINISH, {"outcomes": payload})}
+    """Record outcomes in one statement, each only if its attempt still holds the job; announce each one written."""
+    return announce(outcomes, runtime.execute(FINISH, {"outcomes": _outcomes_json(outcomes)}))
+
+
+def announce(outcomes: list[tuple[ClaimedJob, dict]], written_rows: list) -> int:
+    """Wake the waiters of the outcomes FINISH wrote (the announcement is the row as PostgreSQL stored it,
+    returned by the same statement), then log and count them; how many were written."""
+    written = {row["id"]: row for row in map(_as_dict, written_rows)}
     recorded = [(job, values) for job, values in outcomes if job.id in written]
     try:
         with runtime.redis_client().pipeline(transaction=False) as pipe:
@@ -235,6 +248,10 @@ def finish(outcomes: list[tuple[ClaimedJob, dict]]) -> int:
     for job, values in recorded:  # after the wake-ups: waiting clients need not wait for logs and metrics
         job_finished(job, values)
     return len(written)
+
+
+def _as_dict(row: Any) -> dict:
+    return row if isinstance(row, dict) else row._asdict()
 
 
 def score(jobs: list[ClaimedJob], info: ModelInfo, model: Any) -> list[dict]:
@@ -270,49 +287,53 @@ def serve(jobs: list[ClaimedJob]) -> None:
         return
     info = model_info(jobs[0].model_version_id)
     lookup = load_model(info)
+    model_loaded(lookup)
     cache = _cache_fields(lookup)
     _inject_fault(info)
     finish([(job, {**cache, **outcome}) for job, outcome in zip(jobs, score(jobs, info, model=lookup.model))])
 
 
 def _cache_fields(lookup: CacheLookup) -> dict:
-    """Count the model lookup, and the fields it gives each job scored with it."""
-    model_loaded(lookup)
+    """The fields a model lookup gives each job scored with it."""
     return {"cache_hit": lookup.hit, "load_ms": lookup.load_seconds * 1000}
 
 
-def _score_alone(info: ModelInfo, job_id: uuid.UUID, instances: list) -> tuple[dict, CacheLookup | None]:
+def _score_alone(info: ModelInfo, job: ClaimedJob) -> tuple[dict, CacheLookup | None]:
     """One job's outcome, and the model's lookup (None when the task's time ran out first)."""
     try:
         lookup = load_model(info)
         _inject_fault(info)
-        unclaimed = ClaimedJob(job_id, info.id, instances, attempts=0, queue_ms=None)
-        return score([unclaimed], info, lookup.model)[0], lookup
+        return score([job], info, lookup.model)[0], lookup
     except SoftTimeLimitExceeded:
         return _time_limit(), None
 
 
 def serve_with_rows(job_id: uuid.UUID, version_id: uuid.UUID, instances: list) -> bool:
-    """Score the rows the job's message carried while its claim is in flight (one round trip to PostgreSQL
-    less), then record the outcome as serve() does; False when the claim took nothing (the job is not
-    queued: the usual path decides what this delivery does). The claim commits before the scoring can
-    crash the process, so each attempt is counted; only first deliveries come here, so a job that crashed
-    its process is claimed, and checked against the attempt cap, before it is scored again."""
-    info = model_info(version_id)
-    with runtime.in_flight(CLAIM_ALONE, [str(job_id), runtime.identity()]) as claimed:
-        outcome, lookup = _score_alone(info, job_id, instances)
-        rows = claimed()
-    if not rows:
-        return False
-    attempts, queue_ms, request_id = rows[0]
-    job = ClaimedJob(job_id, version_id, instances, int(attempts), float(queue_ms), request_id)
-    if job.attempts > runtime.settings().job_max_attempts:
-        serve([job])  # records the exhausted attempts
+    """Score the rows the job's message carried while its claim is in flight, and send the outcome right behind
+    the claim on the same connection: one wait for PostgreSQL where claim then record would be two. False when
+    the claim took nothing (the job is not queued: the usual path decides what this delivery does). The claim
+    commits before the scoring can crash the process, so each attempt is counted; only first deliveries come
+    here, so a job that crashed its process is claimed, and checked against the attempt cap, before it is
+    scored again."""
+    info, cap = model_info(version_id), runtime.settings().job_max_attempts
+    unclaimed = ClaimedJob(job_id, version_id, instances, attempts=0, queue_ms=None)
+    with runtime.pipeline(CLAIM_ALONE, [str(job_id), runtime.identity()]) as sent:
+        outcome, lookup = _score_alone(info, unclaimed)
+        if lookup is not None:
+            outcome = {**_cache_fields(lookup), **outcome}
+        sent.send(FINISH_CLAIMED_AHEAD, [_outcomes_json([(unclaimed, outcome)]), runtime.identity(), str(cap)])
+        claimed, written = sent.results()
+    if lookup is not None and (claimed or written):
+        model_loaded(lookup)
+    if written:
+        attempts, queue_ms = written[0]["attempts"], written[0]["queue_ms"]
+        announce([(ClaimedJob(job_id, version_id, instances, attempts, queue_ms, written[0]["request_id"]), outcome)],
+                 written)
         return True
-    if lookup is not None:
-        outcome = {**_cache_fields(lookup), **outcome}
-    finish([(job, outcome)])
-    return True
+    if claimed:  # the claim's attempt is over the cap: serve() records that
+        serve([ClaimedJob(job_id, version_id, instances, claimed[0]["attempts"], claimed[0]["queue_ms"],
+                          claimed[0]["request_id"])])
+    return bool(claimed)
 
 
 def _take_over_if_orphaned(job_id: uuid.UUID) -> list[ClaimedJob]:
