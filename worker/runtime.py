@@ -4,6 +4,7 @@ Everything here is created lazily in the process that uses it, so nothing crosse
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -86,41 +87,55 @@ def execute(statement: TextClause, params: dict | None = None) -> list[tuple]:
 
 class Pipeline:
     """Statements on one connection in libpq's pipeline mode: each goes to PostgreSQL as soon as it is sent, without
-    waiting for the answer to the one before, and commits on its own; the sender reads every answer at the end."""
+    waiting for the answer to the one before, and commits on its own; the sender reads every answer at the end.
+    Each statement is prepared once per connection (`prepared`, the names it holds): planning one of the scoring
+    path's UPDATEs costs PostgreSQL more than running it."""
 
-    def __init__(self, connection: psycopg.Connection):
-        self._pgconn = connection.pgconn
+    def __init__(self, connection: psycopg.Connection, prepared: set[bytes]):
+        self._pgconn, self._prepared = connection.pgconn, prepared
         self._rows = Transformer(connection)
-        self._unread = 0
+        self._commands: list[int] = []  # per statement sent, the commands whose answers precede its sync
 
     def send(self, sql: str, params: list[str]) -> None:
         """Send a statement (`$1`... parameters, as text)."""
-        self._pgconn.send_query_params(sql.encode(), [p.encode() for p in params])
+        name, commands = _statement_name(sql), 1
+        if name not in self._prepared:
+            self._pgconn.send_prepare(name, sql.encode())
+            self._prepared.add(name)  # a failure discards the connection, and this set with it
+            commands = 2
+        self._pgconn.send_query_prepared(name, [p.encode() for p in params])
         self._pgconn.pipeline_sync()  # ends its implicit transaction, so it commits, and flushes it to PostgreSQL
-        self._unread += 1
+        self._commands.append(commands)
 
     def results(self) -> list[list[dict]]:
         """Each statement's rows, in the order sent; once every answer is read, the first failure is raised."""
-        answers = [self._read_one() for _ in range(self._unread)]
-        self._unread = 0
+        answers = [self._read_one(commands) for commands in self._commands]
+        self._commands = []
         if failures := [answer for answer in answers if isinstance(answer, Exception)]:
             raise failures[0]
         return answers
 
-    def _read_one(self) -> list[dict] | psycopg.Error:
+    def _read_one(self, commands: int) -> list[dict] | psycopg.Error:
         answer: list[dict] | psycopg.Error = []
-        while (result := self._pgconn.get_result()) is not None:
-            if result.status == pq.ExecStatus.TUPLES_OK:
-                self._rows.set_pgresult(result)
-                names = [result.fname(i).decode() for i in range(result.nfields)]
-                answer = [dict(zip(names, row)) for row in self._rows.load_rows(0, result.ntuples, tuple)]
-            elif result.status != pq.ExecStatus.COMMAND_OK:
-                answer = psycopg.DatabaseError(result.error_message.decode(errors="replace").strip())
+        for _ in range(commands):
+            while (result := self._pgconn.get_result()) is not None:
+                if result.status == pq.ExecStatus.TUPLES_OK:
+                    self._rows.set_pgresult(result)
+                    names = [result.fname(i).decode() for i in range(result.nfields)]
+                    answer = [dict(zip(names, row)) for row in self._rows.load_rows(0, result.ntuples, tuple)]
+                elif result.status != pq.ExecStatus.COMMAND_OK and not isinstance(answer, Exception):
+                    answer = psycopg.DatabaseError(result.error_message.decode(errors="replace").strip()
+                                                   or "the statement was not run")
         sync = self._pgconn.get_result()
         if sync is None or sync.status != pq.ExecStatus.PIPELINE_SYNC:
             raise psycopg.OperationalError(self._pgconn.error_message.decode(errors="replace").strip()
                                            or "the connection was lost in the middle of a pipeline")
         return answer
+
+
+@cache
+def _statement_name(sql: str) -> bytes:
+    return f"inferq_{hashlib.sha1(sql.encode()).hexdigest()[:16]}".encode()
 
 
 @contextmanager
@@ -131,7 +146,7 @@ def pipeline(sql: str, params: list[str]) -> Iterator[Pipeline]:
     connection = _autocommit_engine().raw_connection()
     try:
         connection.driver_connection.pgconn.enter_pipeline_mode()
-        sent = Pipeline(connection.driver_connection)
+        sent = Pipeline(connection.driver_connection, connection.info.setdefault("prepared", set()))
         sent.send(sql, params)
         yield sent
         connection.driver_connection.pgconn.exit_pipeline_mode()  # fails while answers are unread

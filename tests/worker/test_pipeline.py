@@ -79,3 +79,14 @@ def test_a_connection_whose_answers_went_unread_is_not_reused(worker_runtime):
     with worker_runtime.pipeline("SELECT pg_backend_pid() AS pid", []) as sent:
         (fresh,) = sent.results()
     assert fresh != first
+
+
+def test_a_statement_is_prepared_once_per_connection(worker_runtime):
+    counted = "SELECT CAST($1 AS int) AS n"
+    for n in range(3):
+        with worker_runtime.pipeline(counted, [str(n)]) as sent:
+            assert sent.results() == [[{"n": n}]]
+    listed = "SELECT statement FROM pg_prepared_statements ORDER BY statement"
+    with worker_runtime.pipeline(listed, []) as sent:
+        (prepared,) = sent.results()
+    assert [row["statement"] for row in prepared] == sorted([counted, listed])
