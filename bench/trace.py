@@ -161,19 +161,20 @@ def _worker_app():
     inner_pipeline = predictions.runtime.pipeline
 
     @contextlib.contextmanager
-    def pipeline(sql, params):  # a job whose rows came in its message: its claim and FINISH answered together
-        with inner_pipeline(sql, params) as sent:
+    def pipeline(statement, params):  # a job whose rows came in its message: its claim and FINISH answered together
+        job_id = str(params["job_id"])
+        with inner_pipeline(statement, params) as sent:
             inner_send, inner_results = sent.send, sent.results
 
             def send(*args):
-                stamp(params[0], "child_claimed")
-                stamp(params[0], "batch_of_1")
+                stamp(job_id, "child_claimed")
+                stamp(job_id, "batch_of_1")
                 inner_send(*args)
 
             def results():
                 answers = inner_results()
                 if answers[-1]:
-                    stamp(params[0], "child_finished")
+                    stamp(job_id, "child_finished")
                 return answers
 
             sent.send, sent.results = send, results
@@ -184,7 +185,7 @@ def _worker_app():
 
     def execute(statement, params=None, *a, **kw):
         rows = inner_execute(statement, params, *a, **kw)
-        if statement is predictions.FINISH:
+        if statement in (predictions.FINISH, predictions.FINISH_CLAIMED_AHEAD):
             for row in rows:
                 stamp(row.id, "child_finished")
         return rows

@@ -19,6 +19,7 @@ from psycopg import pq
 from psycopg.adapt import Transformer
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, TextClause, create_engine
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -94,25 +95,34 @@ class Pipeline:
     def __init__(self, connection: psycopg.Connection, prepared: set[bytes]):
         self._pgconn, self._prepared = connection.pgconn, prepared
         self._rows = Transformer(connection)
-        self._commands: list[int] = []  # per statement sent, the commands whose answers precede its sync
+        # per statement sent, how many commands answer before its sync; or why it could not be sent
+        self._pending: list[int | psycopg.OperationalError] = []
+        self.lost: psycopg.OperationalError | None = None
 
-    def send(self, sql: str, params: list[str]) -> None:
-        """Send a statement (`$1`... parameters, as text)."""
-        name, commands = _statement_name(sql), 1
-        if name not in self._prepared:
-            self._pgconn.send_prepare(name, sql.encode())
-            self._prepared.add(name)  # a failure discards the connection, and this set with it
-            commands = 2
-        self._pgconn.send_query_prepared(name, [p.encode() for p in params])
-        self._pgconn.pipeline_sync()  # ends its implicit transaction, so it commits, and flushes it to PostgreSQL
-        self._commands.append(commands)
+    def send(self, statement: TextClause, params: dict) -> None:
+        """Send a statement; a connection lost meanwhile is its answer (results)."""
+        name, sql, names = _numbered(statement)
+        values = [None if (v := params[n]) is None else str(v).encode() for n in names]
+        try:
+            if name not in self._prepared:
+                self._pgconn.send_prepare(name, sql)
+                self._prepared.add(name)  # a lost connection is discarded, and this set with it
+                commands = 2
+            else:
+                commands = 1
+            self._pgconn.send_query_prepared(name, values)
+            self._pgconn.pipeline_sync()  # ends its implicit transaction, so it commits, and flushes it
+        except psycopg.OperationalError as exc:
+            self.lost = self.lost or exc
+            commands = exc
+        self._pending.append(commands)
 
-    def results(self) -> list[list[dict]]:
-        """Each statement's rows, in the order sent; once every answer is read, the first failure is raised."""
-        answers = [self._read_one(commands) for commands in self._commands]
-        self._commands = []
-        if failures := [answer for answer in answers if isinstance(answer, Exception)]:
-            raise failures[0]
+    def results(self) -> list[list[dict] | psycopg.Error]:
+        """Each statement's rows, or its failure, in the order sent. Answers that arrived before the connection
+        was lost are read; every later one is that loss (`lost`)."""
+        answers = [pending if isinstance(pending, Exception) else self._read_one(pending)
+                   for pending in self._pending]
+        self._pending = []
         return answers
 
     def _read_one(self, commands: int) -> list[dict] | psycopg.Error:
@@ -128,28 +138,36 @@ class Pipeline:
                                                    or "the statement was not run")
         sync = self._pgconn.get_result()
         if sync is None or sync.status != pq.ExecStatus.PIPELINE_SYNC:
-            raise psycopg.OperationalError(self._pgconn.error_message.decode(errors="replace").strip()
-                                           or "the connection was lost in the middle of a pipeline")
+            self.lost = self.lost or psycopg.OperationalError(
+                self._pgconn.error_message.decode(errors="replace").strip() or "the connection was lost")
+            return self.lost
         return answer
 
 
 @cache
-def _statement_name(sql: str) -> bytes:
-    return f"inferq_{hashlib.sha1(sql.encode()).hexdigest()[:16]}".encode()
+def _numbered(statement: TextClause) -> tuple[bytes, bytes, tuple[str, ...]]:
+    """A text() statement in libpq's terms: the name it is prepared under, its SQL with $1... parameters, and
+    the parameters' names in that order."""
+    compiled = statement.compile(dialect=postgresql.dialect(paramstyle="numeric_dollar"))
+    name = f"inferq_{hashlib.sha1(compiled.string.encode()).hexdigest()[:16]}"
+    return name.encode(), compiled.string.encode(), tuple(compiled.positiontup)
 
 
 @contextmanager
-def pipeline(sql: str, params: list[str]) -> Iterator[Pipeline]:
+def pipeline(statement: TextClause, params: dict) -> Iterator[Pipeline]:
     """Send a statement on a pooled connection and run the block while PostgreSQL executes and commits it; the
-    block may send more behind it, and must read the answers (Pipeline.results). A connection left with answers
-    unread (the block raised) or that failed is discarded rather than pooled."""
+    block may send more behind it, and must read the answers (Pipeline.results). A connection that was lost, or
+    left with answers unread (the block raised), is discarded rather than pooled."""
     connection = _autocommit_engine().raw_connection()
     try:
         connection.driver_connection.pgconn.enter_pipeline_mode()
         sent = Pipeline(connection.driver_connection, connection.info.setdefault("prepared", set()))
-        sent.send(sql, params)
+        sent.send(statement, params)
         yield sent
-        connection.driver_connection.pgconn.exit_pipeline_mode()  # fails while answers are unread
+        if sent.lost:
+            connection.invalidate()
+        else:
+            connection.driver_connection.pgconn.exit_pipeline_mode()  # fails while answers are unread
     except BaseException:
         connection.invalidate()
         raise

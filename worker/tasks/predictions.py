@@ -17,7 +17,7 @@ import signal
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -77,11 +77,11 @@ CLAIM_WITH_PEERS = text(f"""
     WHERE j.id IN (SELECT id FROM target UNION ALL SELECT id FROM peers)
     RETURNING {_CLAIMED}""")
 # Only the message's job, if still queued: a message that carries its job's rows is sent for an idle model,
-# which no other job relies on (web/api/jobs.py: _enqueue). Sent without waiting ($1 job id, $2 worker).
-CLAIM_ALONE = f"""
-    UPDATE prediction_jobs j SET {_START.format(worker="$2")} FROM {_ASYNC_COMMIT}
-    WHERE j.id = $1 AND j.status = 'queued'
-    RETURNING j.attempts, j.queue_ms, j.request_id"""
+# which no other job relies on (web/api/jobs.py: _enqueue). Sent without waiting for its answer.
+CLAIM_ALONE = text(f"""
+    UPDATE prediction_jobs j SET {_START.format(worker=":worker")} FROM {_ASYNC_COMMIT}
+    WHERE j.id = :job_id AND j.status = 'queued'
+    RETURNING j.attempts, j.queue_ms, j.request_id""")
 # The model's oldest queued job, for the next message when this worker scores one job per message.
 OLDEST_QUEUED = text(f"""
     SELECT id FROM prediction_jobs WHERE {_QUEUED_OF_ITS_MODEL} ORDER BY created_at LIMIT 1""")
@@ -96,15 +96,15 @@ _FINISH = """
     UPDATE prediction_jobs j SET status = v.status, result = v.result, error = v.error, cache_hit = v.cache_hit,
            load_ms = v.load_ms, inference_ms = v.inference_ms, finished_at = clock_timestamp(),
            total_ms = extract(epoch FROM clock_timestamp() - j.created_at) * 1000
-    FROM jsonb_to_recordset(CAST({outcomes} AS jsonb)) AS v(id uuid, attempts int, status text, result jsonb,
+    FROM jsonb_to_recordset(CAST(:outcomes AS jsonb)) AS v(id uuid, attempts int, status text, result jsonb,
          error jsonb, cache_hit boolean, load_ms float8, inference_ms float8)
     WHERE j.id = v.id AND j.status = 'running' AND {attempt_holds}
     RETURNING j.id, j.request_id, """ + ", ".join(f"j.{field}" for field in JOB_DONE_FIELDS)
-FINISH = text(_FINISH.format(outcomes=":outcomes", attempt_holds="j.attempts = v.attempts"))
-# The outcome of a job whose CLAIM_ALONE went ahead of it on the same connection ($1 outcomes, $2 worker, $3 the
-# attempt cap): it holds while that claim's attempt, within the cap, is this process's (a pool child runs one
-# task at a time, and a job running here is taken over only once this process is dead).
-FINISH_CLAIMED_AHEAD = _FINISH.format(outcomes="$1", attempt_holds="j.worker = $2 AND j.attempts <= $3")
+FINISH = text(_FINISH.format(attempt_holds="j.attempts = v.attempts"))
+# The outcome of a job whose CLAIM_ALONE went ahead of it: it holds while that claim's attempt, within the cap, is
+# this process's (a pool child runs one task at a time, and a job running here is taken over only once this
+# process is dead), so it can be sent before the claim is answered, and sent again if that answer was lost.
+FINISH_CLAIMED_AHEAD = text(_FINISH.format(attempt_holds="j.worker = :worker AND j.attempts <= :cap"))
 
 
 def _claim(statement, **params) -> list[ClaimedJob]:
@@ -230,13 +230,14 @@ def _outcomes_json(outcomes: list[tuple[ClaimedJob, dict]]) -> str:
 
 def finish(outcomes: list[tuple[ClaimedJob, dict]]) -> int:
     """Record outcomes in one statement, each only if its attempt still holds the job; announce each one written."""
-    return announce(outcomes, runtime.execute(FINISH, {"outcomes": _outcomes_json(outcomes)}))
+    written = runtime.execute(FINISH, {"outcomes": _outcomes_json(outcomes)})
+    return announce(outcomes, [row._asdict() for row in written])
 
 
-def announce(outcomes: list[tuple[ClaimedJob, dict]], written_rows: list) -> int:
+def announce(outcomes: list[tuple[ClaimedJob, dict]], written_rows: list[dict]) -> int:
     """Wake the waiters of the outcomes FINISH wrote (the announcement is the row as PostgreSQL stored it,
     returned by the same statement), then log and count them; how many were written."""
-    written = {row["id"]: row for row in map(_as_dict, written_rows)}
+    written = {row["id"]: row for row in written_rows}
     recorded = [(job, values) for job, values in outcomes if job.id in written]
     try:
         with runtime.redis_client().pipeline(transaction=False) as pipe:
@@ -248,10 +249,6 @@ def announce(outcomes: list[tuple[ClaimedJob, dict]], written_rows: list) -> int
     for job, values in recorded:  # after the wake-ups: waiting clients need not wait for logs and metrics
         job_finished(job, values)
     return len(written)
-
-
-def _as_dict(row: Any) -> dict:
-    return row if isinstance(row, dict) else row._asdict()
 
 
 def score(jobs: list[ClaimedJob], info: ModelInfo, model: Any) -> list[dict]:
@@ -298,14 +295,15 @@ def _cache_fields(lookup: CacheLookup) -> dict:
     return {"cache_hit": lookup.hit, "load_ms": lookup.load_seconds * 1000}
 
 
-def _score_alone(info: ModelInfo, job: ClaimedJob) -> tuple[dict, CacheLookup | None]:
-    """One job's outcome, and the model's lookup (None when the task's time ran out first)."""
+def _score_alone(info: ModelInfo, job: ClaimedJob) -> dict:
+    """One job's outcome, with the model lookup's fields unless the task's time ran out first."""
     try:
         lookup = load_model(info)
+        model_loaded(lookup)
         _inject_fault(info)
-        return score([job], info, lookup.model)[0], lookup
+        return {**_cache_fields(lookup), **score([job], info, lookup.model)[0]}
     except SoftTimeLimitExceeded:
-        return _time_limit(), None
+        return _time_limit()
 
 
 def serve_with_rows(job_id: uuid.UUID, version_id: uuid.UUID, instances: list) -> bool:
@@ -317,23 +315,31 @@ def serve_with_rows(job_id: uuid.UUID, version_id: uuid.UUID, instances: list) -
     scored again."""
     info, cap = model_info(version_id), runtime.settings().job_max_attempts
     unclaimed = ClaimedJob(job_id, version_id, instances, attempts=0, queue_ms=None)
-    with runtime.pipeline(CLAIM_ALONE, [str(job_id), runtime.identity()]) as sent:
-        outcome, lookup = _score_alone(info, unclaimed)
-        if lookup is not None:
-            outcome = {**_cache_fields(lookup), **outcome}
-        sent.send(FINISH_CLAIMED_AHEAD, [_outcomes_json([(unclaimed, outcome)]), runtime.identity(), str(cap)])
+    with runtime.pipeline(CLAIM_ALONE, {"job_id": job_id, "worker": runtime.identity()}) as sent:
+        outcome = _score_alone(info, unclaimed)
+        record = {"outcomes": _outcomes_json([(unclaimed, outcome)]), "worker": runtime.identity(), "cap": cap}
+        sent.send(FINISH_CLAIMED_AHEAD, record)
         claimed, written = sent.results()
-    if lookup is not None and (claimed or written):
-        model_loaded(lookup)
-    if written:
-        attempts, queue_ms = written[0]["attempts"], written[0]["queue_ms"]
-        announce([(ClaimedJob(job_id, version_id, instances, attempts, queue_ms, written[0]["request_id"]), outcome)],
-                 written)
+    if isinstance(written, psycopg.OperationalError):  # lost with the connection: again, once PostgreSQL answers
+        written = [row._asdict() for row in runtime.execute(FINISH_CLAIMED_AHEAD, record)]
+    if isinstance(written, list) and written:
+        announce([(_claimed(unclaimed, written[0]), outcome)], written)
         return True
-    if claimed:  # the claim's attempt is over the cap: serve() records that
-        serve([ClaimedJob(job_id, version_id, instances, claimed[0]["attempts"], claimed[0]["queue_ms"],
-                          claimed[0]["request_id"])])
-    return bool(claimed)
+    if isinstance(claimed, Exception):
+        raise claimed  # whether the claim took the job is unknown: the usual path finds out
+    if not claimed:
+        return False
+    job = _claimed(unclaimed, claimed[0])
+    if job.attempts > cap:
+        serve([job])  # records the exhausted attempts
+    else:  # the outcome failed to write: recorded as serve() records outcomes
+        finish([(job, outcome)])
+    return True
+
+
+def _claimed(job: ClaimedJob, row: dict) -> ClaimedJob:
+    """The job as its claim (or its outcome's row) says this attempt holds it."""
+    return replace(job, attempts=row["attempts"], queue_ms=row["queue_ms"], request_id=row["request_id"])
 
 
 def _take_over_if_orphaned(job_id: uuid.UUID) -> list[ClaimedJob]:
