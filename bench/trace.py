@@ -173,7 +173,7 @@ def _worker_app():
 
             def results():
                 answers = inner_results()
-                if answers[-1]:
+                if isinstance(answers[-1], list) and answers[-1]:
                     stamp(job_id, "child_finished")
                 return answers
 

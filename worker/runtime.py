@@ -86,47 +86,54 @@ def execute(statement: TextClause, params: dict | None = None) -> list[tuple]:
     return with_db_retry(run)
 
 
+Answer = list[dict] | psycopg.Error  # a pipelined statement's rows, or why it has none
+
+
 class Pipeline:
     """Statements on one connection in libpq's pipeline mode: each goes to PostgreSQL as soon as it is sent, without
-    waiting for the answer to the one before, and commits on its own; the sender reads every answer at the end.
-    Each statement is prepared once per connection (`prepared`, the names it holds): planning one of the scoring
-    path's UPDATEs costs PostgreSQL more than running it."""
+    waiting for the answer to the one before, and commits on its own (a sync after each: a statement's
+    `set_config(..., true)` stays its own); the sender reads every answer at the end. Each statement is prepared
+    once per connection (`prepared`, the names it holds): planning one of the scoring path's UPDATEs costs
+    PostgreSQL more than running it."""
 
     def __init__(self, connection: psycopg.Connection, prepared: set[bytes]):
         self._pgconn, self._prepared = connection.pgconn, prepared
+        self._encoding = connection.info.encoding
         self._rows = Transformer(connection)
-        # per statement sent, how many commands answer before its sync; or why it could not be sent
+        # per statement, how many commands answer before its sync, or the loss that kept it from being sent
         self._pending: list[int | psycopg.OperationalError] = []
         self.lost: psycopg.OperationalError | None = None
+        self._read_lost = False
+        self.failed = False  # an answer was an error: the connection is not pooled again (see pipeline)
 
     def send(self, statement: TextClause, params: dict) -> None:
         """Send a statement; a connection lost meanwhile is its answer (results)."""
         name, sql, names = _numbered(statement)
         values = [None if (v := params[n]) is None else str(v).encode() for n in names]
+        commands: int | psycopg.OperationalError = 1 if name in self._prepared else 2
         try:
-            if name not in self._prepared:
+            if commands == 2:
                 self._pgconn.send_prepare(name, sql)
-                self._prepared.add(name)  # a lost connection is discarded, and this set with it
-                commands = 2
-            else:
-                commands = 1
+                self._prepared.add(name)  # were the PREPARE to fail, the connection is discarded with this set
             self._pgconn.send_query_prepared(name, values)
             self._pgconn.pipeline_sync()  # ends its implicit transaction, so it commits, and flushes it
         except psycopg.OperationalError as exc:
-            self.lost = self.lost or exc
-            commands = exc
+            self.lost = commands = self.lost or exc
         self._pending.append(commands)
 
-    def results(self) -> list[list[dict] | psycopg.Error]:
+    def results(self) -> list[Answer]:
         """Each statement's rows, or its failure, in the order sent. Answers that arrived before the connection
         was lost are read; every later one is that loss (`lost`)."""
         answers = [pending if isinstance(pending, Exception) else self._read_one(pending)
                    for pending in self._pending]
         self._pending = []
+        self.failed = self.failed or any(isinstance(answer, Exception) for answer in answers)
         return answers
 
-    def _read_one(self, commands: int) -> list[dict] | psycopg.Error:
-        answer: list[dict] | psycopg.Error = []
+    def _read_one(self, commands: int) -> Answer:
+        if self._read_lost:
+            return self.lost
+        answer: Answer = []
         for _ in range(commands):
             while (result := self._pgconn.get_result()) is not None:
                 if result.status == pq.ExecStatus.TUPLES_OK:
@@ -134,10 +141,10 @@ class Pipeline:
                     names = [result.fname(i).decode() for i in range(result.nfields)]
                     answer = [dict(zip(names, row)) for row in self._rows.load_rows(0, result.ntuples, tuple)]
                 elif result.status != pq.ExecStatus.COMMAND_OK and not isinstance(answer, Exception):
-                    answer = psycopg.DatabaseError(result.error_message.decode(errors="replace").strip()
-                                                   or "the statement was not run")
+                    answer = psycopg.errors.error_from_result(result, encoding=self._encoding)
         sync = self._pgconn.get_result()
         if sync is None or sync.status != pq.ExecStatus.PIPELINE_SYNC:
+            self._read_lost = True
             self.lost = self.lost or psycopg.OperationalError(
                 self._pgconn.error_message.decode(errors="replace").strip() or "the connection was lost")
             return self.lost
@@ -156,15 +163,16 @@ def _numbered(statement: TextClause) -> tuple[bytes, bytes, tuple[str, ...]]:
 @contextmanager
 def pipeline(statement: TextClause, params: dict) -> Iterator[Pipeline]:
     """Send a statement on a pooled connection and run the block while PostgreSQL executes and commits it; the
-    block may send more behind it, and must read the answers (Pipeline.results). A connection that was lost, or
-    left with answers unread (the block raised), is discarded rather than pooled."""
+    block may send more behind it, and must read the answers (Pipeline.results: it is an error to leave them
+    unread). A connection that failed (a lost connection, any error answer: a statement it holds prepared may be
+    gone) or whose answers went unread (the block raised) is discarded rather than pooled."""
     connection = _autocommit_engine().raw_connection()
     try:
         connection.driver_connection.pgconn.enter_pipeline_mode()
         sent = Pipeline(connection.driver_connection, connection.info.setdefault("prepared", set()))
         sent.send(statement, params)
         yield sent
-        if sent.lost:
+        if sent.failed or sent.lost:
             connection.invalidate()
         else:
             connection.driver_connection.pgconn.exit_pipeline_mode()  # fails while answers are unread

@@ -106,3 +106,17 @@ def test_killed_worker_scoring_several_queued_jobs_together_loses_none(client, a
     assert [j["status"] for j in jobs] == ["succeeded"] * 6
     assert all(int(j["worker"].rsplit(":", 1)[1]) != pid for j in jobs)
     assert all(j["result"]["predictions"] == iris_model[0].predict(ROW).tolist() for j in jobs)
+
+
+def test_a_job_over_the_soft_time_limit_fails_with_a_reason_once(client, user, workers, iris_model, settings):
+    """Both paths a job can take: one row (scored while its claim is in flight) and too many values for a message."""
+    sleep = settings.job_soft_time_limit + 2  # past the soft limit, within the hard one
+    assert sleep < settings.job_hard_time_limit
+    version = upload(client, user["headers"], iris_model[0], name=f"fault-slow-{sleep}")
+    one_row, many_rows = ROW, ROW * 300  # 1,200 values: more than a message carries
+    ids = [submit(client, user["headers"], version["id"], rows).json["id"] for rows in (one_row, many_rows)]
+    jobs = [wait_job(client, user["headers"], job_id, seconds=sleep + 30) for job_id in ids]
+    for job in jobs:
+        assert job["status"] == "failed" and job["attempts"] == 1 and job["result"] is None
+        assert job["error"] == {"code": "time_limit",
+                                "message": f"Prediction exceeded {settings.job_soft_time_limit}s"}

@@ -70,8 +70,28 @@ def test_a_failed_statement_neither_stops_the_next_nor_hides_its_error(worker_ru
     with worker_runtime.pipeline(text("SELECT 1 / CAST(:zero AS int)"), {"zero": 0}) as sent:
         sent.send(text("INSERT INTO pipeline_probe VALUES (:n)"), {"n": 8})
         failed, inserted = sent.results()
-    assert isinstance(failed, psycopg.DatabaseError) and "division by zero" in str(failed)
+    assert isinstance(failed, psycopg.errors.DivisionByZero) and "division by zero" in str(failed)
     assert inserted == [] and _probe_rows(probe_table) == [8]
+
+
+def test_a_statement_that_failed_to_prepare_is_prepared_again_on_a_fresh_connection(worker_runtime, admin):
+    """A connection that answered an error is not pooled again: it may have lost a statement it holds prepared."""
+    late = text("SELECT n FROM pipeline_late WHERE n = :n")
+    with worker_runtime.pipeline(BACKEND, {}) as sent:
+        sent.send(late, {"n": 1})
+        (before,), missing = sent.results()
+    assert isinstance(missing, psycopg.errors.UndefinedTable)
+    with admin.connect() as conn:
+        conn.execute(text("CREATE TABLE pipeline_late (n int)"))
+        conn.execute(text("INSERT INTO pipeline_late VALUES (1)"))
+    try:
+        with worker_runtime.pipeline(BACKEND, {}) as sent:
+            sent.send(late, {"n": 1})
+            (after,), found = sent.results()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text("DROP TABLE pipeline_late"))
+    assert found == [{"n": 1}] and after["pid"] != before["pid"]
 
 
 def test_answers_that_came_before_a_lost_connection_are_read(worker_runtime, admin):

@@ -35,7 +35,6 @@ from common.queues import (
 )
 from worker import runtime
 from worker.observability import job_finished, model_loaded
-from worker.model_cache import CacheLookup
 from worker.serving import ModelInfo, load_model, model_info
 
 log = logging.getLogger(__name__)
@@ -101,9 +100,11 @@ _FINISH = """
     WHERE j.id = v.id AND j.status = 'running' AND {attempt_holds}
     RETURNING j.id, j.request_id, """ + ", ".join(f"j.{field}" for field in JOB_DONE_FIELDS)
 FINISH = text(_FINISH.format(attempt_holds="j.attempts = v.attempts"))
-# The outcome of a job whose CLAIM_ALONE went ahead of it: it holds while that claim's attempt, within the cap, is
-# this process's (a pool child runs one task at a time, and a job running here is taken over only once this
-# process is dead), so it can be sent before the claim is answered, and sent again if that answer was lost.
+# The outcome of a job whose CLAIM_ALONE went ahead of it, guarded by the job running under this process within the
+# attempt cap (the outcome's own attempts are not read): a pool child runs one task at a time, and until this task
+# has sent this outcome only this claim can have set that (another process takes the job over only once this one
+# is dead; this task itself only on its usual path, afterwards). So it is sent before the claim is answered, and
+# sent again if its answer was lost.
 FINISH_CLAIMED_AHEAD = text(_FINISH.format(attempt_holds="j.worker = :worker AND j.attempts <= :cap"))
 
 
@@ -280,61 +281,62 @@ def serve(jobs: list[ClaimedJob]) -> None:
         finish([(job, _failure("attempts_exhausted", f"The job did not complete in {cap} attempts "
                                                      "(its worker crashed or was lost each time)")) for job in exhausted])
     jobs = [job for job in jobs if job.attempts <= cap]
-    if not jobs:
-        return
-    info = model_info(jobs[0].model_version_id)
+    if jobs:
+        finish(list(zip(jobs, _scored(model_info(jobs[0].model_version_id), jobs))))
+
+
+def _scored(info: ModelInfo, jobs: list[ClaimedJob]) -> list[dict]:
+    """Each job's outcome, with the fields of the model's lookup (a cache hit, or how long the load took)."""
     lookup = load_model(info)
     model_loaded(lookup)
-    cache = _cache_fields(lookup)
     _inject_fault(info)
-    finish([(job, {**cache, **outcome}) for job, outcome in zip(jobs, score(jobs, info, model=lookup.model))])
-
-
-def _cache_fields(lookup: CacheLookup) -> dict:
-    """The fields a model lookup gives each job scored with it."""
-    return {"cache_hit": lookup.hit, "load_ms": lookup.load_seconds * 1000}
-
-
-def _score_alone(info: ModelInfo, job: ClaimedJob) -> dict:
-    """One job's outcome, with the model lookup's fields unless the task's time ran out first."""
-    try:
-        lookup = load_model(info)
-        model_loaded(lookup)
-        _inject_fault(info)
-        return {**_cache_fields(lookup), **score([job], info, lookup.model)[0]}
-    except SoftTimeLimitExceeded:
-        return _time_limit()
+    cache = {"cache_hit": lookup.hit, "load_ms": lookup.load_seconds * 1000}
+    return [{**cache, **outcome} for outcome in score(jobs, info, lookup.model)]
 
 
 def serve_with_rows(job_id: uuid.UUID, version_id: uuid.UUID, instances: list) -> bool:
     """Score the rows the job's message carried while its claim is in flight, and send the outcome right behind
     the claim on the same connection: one wait for PostgreSQL where claim then record would be two. False when
-    the claim took nothing (the job is not queued: the usual path decides what this delivery does). The claim
-    commits before the scoring can crash the process, so each attempt is counted; only first deliveries come
-    here, so a job that crashed its process is claimed, and checked against the attempt cap, before it is
-    scored again."""
-    info, cap = model_info(version_id), runtime.settings().job_max_attempts
-    unclaimed = ClaimedJob(job_id, version_id, instances, attempts=0, queue_ms=None)
-    with runtime.pipeline(CLAIM_ALONE, {"job_id": job_id, "worker": runtime.identity()}) as sent:
-        outcome = _score_alone(info, unclaimed)
-        record = {"outcomes": _outcomes_json([(unclaimed, outcome)]), "worker": runtime.identity(), "cap": cap}
-        sent.send(FINISH_CLAIMED_AHEAD, record)
-        claimed, written = sent.results()
-    if isinstance(written, psycopg.OperationalError):  # lost with the connection: again, once PostgreSQL answers
-        written = [row._asdict() for row in runtime.execute(FINISH_CLAIMED_AHEAD, record)]
-    if isinstance(written, list) and written:
-        announce([(_claimed(unclaimed, written[0]), outcome)], written)
+    the usual path must decide what this delivery does (the claim took nothing and nothing was recorded: the
+    job is not queued). The claim is sent before the scoring starts, so a job whose scoring crashes its process
+    still has its attempt counted; only first deliveries come here, so such a job is claimed, and checked
+    against the attempt cap, before it is scored again."""
+    job = ClaimedJob(job_id, version_id, instances, attempts=0, queue_ms=None)  # its attempt: the claim's answer
+    ahead = {"worker": runtime.identity(), "cap": runtime.settings().job_max_attempts}
+    try:
+        outcome, claimed, written = _score_claimed_ahead(job, ahead)
+        if isinstance(written, psycopg.OperationalError):  # lost with the connection: again, once PostgreSQL answers
+            written = [row._asdict() for row in runtime.execute(FINISH_CLAIMED_AHEAD, ahead)]
+        if isinstance(written, list) and written:
+            announce([(_claimed(job, written[0]), outcome)], written)
+            return True
+        if isinstance(claimed, Exception):
+            raise claimed  # whether the claim took the job is unknown: the usual path finds out
+        if not claimed:
+            return False
+        held = _claimed(job, claimed[0])
+        if held.attempts > ahead["cap"]:
+            serve([held])  # records the exhausted attempts
+        else:  # it wrote nothing, or wrote and its answer was lost: finish() writes nothing twice
+            finish([(held, outcome)])
         return True
-    if isinstance(claimed, Exception):
-        raise claimed  # whether the claim took the job is unknown: the usual path finds out
-    if not claimed:
-        return False
-    job = _claimed(unclaimed, claimed[0])
-    if job.attempts > cap:
-        serve([job])  # records the exhausted attempts
-    else:  # the outcome failed to write: recorded as serve() records outcomes
-        finish([(job, outcome)])
-    return True
+    except SoftTimeLimitExceeded:  # out of time after the scoring: the job fails as it would have during it
+        runtime.execute(FINISH_CLAIMED_AHEAD, {**ahead, "outcomes": _outcomes_json([(job, _time_limit())])})
+        return True
+
+
+def _score_claimed_ahead(job: ClaimedJob, ahead: dict) -> tuple[dict, runtime.Answer, runtime.Answer]:
+    """Send the job's claim and, without waiting for its answer, score the job's rows and send the outcome behind
+    it (`ahead` gains the outcome): the outcome, and the claim's and the outcome's answers."""
+    with runtime.pipeline(CLAIM_ALONE, {"job_id": job.id, "worker": ahead["worker"]}) as sent:
+        try:
+            outcome = _scored(model_info(job.model_version_id), [job])[0]
+        except SoftTimeLimitExceeded:
+            outcome = _time_limit()
+        ahead["outcomes"] = _outcomes_json([(job, outcome)])
+        sent.send(FINISH_CLAIMED_AHEAD, ahead)
+        claimed, written = sent.results()
+    return outcome, claimed, written
 
 
 def _claimed(job: ClaimedJob, row: dict) -> ClaimedJob:
