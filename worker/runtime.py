@@ -104,7 +104,7 @@ class Pipeline:
         self._pending: list[int | psycopg.OperationalError] = []
         self.lost: psycopg.OperationalError | None = None
         self._read_lost = False
-        self.failed = False  # an answer was an error: the connection is not pooled again (see pipeline)
+        self.failed = False  # an answer was an error (a loss included): the connection is not pooled again
 
     def send(self, statement: TextClause, params: dict) -> None:
         """Send a statement; a connection lost meanwhile is its answer (results)."""
@@ -118,7 +118,8 @@ class Pipeline:
             self._pgconn.send_query_prepared(name, values)
             self._pgconn.pipeline_sync()  # ends its implicit transaction, so it commits, and flushes it
         except psycopg.OperationalError as exc:
-            self.lost = commands = self.lost or exc
+            self.lost = self.lost or exc
+            commands = self.lost
         self._pending.append(commands)
 
     def results(self) -> list[Answer]:
@@ -172,7 +173,7 @@ def pipeline(statement: TextClause, params: dict) -> Iterator[Pipeline]:
         sent = Pipeline(connection.driver_connection, connection.info.setdefault("prepared", set()))
         sent.send(statement, params)
         yield sent
-        if sent.failed or sent.lost:
+        if sent.failed:
             connection.invalidate()
         else:
             connection.driver_connection.pgconn.exit_pipeline_mode()  # fails while answers are unread
