@@ -142,7 +142,8 @@ def _noop_client(go, seconds: float, queue) -> None:
     deadline, latencies = time.perf_counter() + seconds, []
     while (started := time.perf_counter()) < deadline:
         noop.delay().get(timeout=30)
-        latencies.append(time.perf_counter() - started)
+        if (finished := time.perf_counter()) <= deadline:  # counted as the job clients count theirs
+            latencies.append(finished - started)
     queue.put(latencies)
 
 
