@@ -112,11 +112,16 @@ JOB_DONE_FIELDS = ("status", "result", "error", "cache_hit", "load_ms", "inferen
 _TIMES = ("started_at", "finished_at")
 
 
-def job_done_message(row: dict) -> str:
+def job_done_message(row: dict, batch_size: int = 1) -> str:
     """A job's end as announced on its list: a copy of the row the worker just committed (the row stays
-    the source of truth), so a waiting request need not read it back; only the status when it is large."""
-    message = json.dumps({key: row.get(key) for key in JOB_DONE_FIELDS}, default=datetime.isoformat)
-    return message if len(message) <= JOB_DONE_MAX_BYTES else json.dumps({"status": row["status"]})
+    the source of truth), so a waiting request need not read it back; only the status when it is large. Both
+    say how many jobs the worker recorded in the same statement: more than one had queued up (a sign of load
+    that every web process hears, web/job_waiter.py)."""
+    message = json.dumps({**{key: row.get(key) for key in JOB_DONE_FIELDS}, "batch_size": batch_size},
+                         default=datetime.isoformat)
+    if len(message) <= JOB_DONE_MAX_BYTES:
+        return message
+    return json.dumps({"status": row["status"], "batch_size": batch_size})
 
 
 # How long a job's end stays readable in Redis: a waiter reads it within moments (it starts waiting right after
@@ -130,17 +135,22 @@ def job_done_key(job_id: str) -> str:
     return f"inferq:job-done:{job_id}"
 
 
-def announce_job_done(pipe: redis.client.Pipeline, job_id: str, row: dict) -> None:
+def announce_job_done(pipe: redis.client.Pipeline, job_id: str, row: dict, batch_size: int = 1) -> None:
     """Queue on `pipe` the commands that announce a job's end: its job-done message on its list, which expires."""
     key = job_done_key(job_id)
-    pipe.lpush(key, job_done_message(row))
+    pipe.lpush(key, job_done_message(row, batch_size))
     pipe.expire(key, JOB_DONE_TTL_SECONDS)
 
 
-def read_job_done(message: bytes | str) -> dict | None:
-    """The announced copy of the row, times as datetimes; None when the message carries only the status."""
+def read_job_done(message: bytes | str) -> tuple[dict | None, int]:
+    """The announced copy of the row, times as datetimes (None when the message carries only the status), and
+    how many jobs were recorded with it."""
     announced = json.loads(message)
-    if not isinstance(announced, dict) or not set(JOB_DONE_FIELDS) <= set(announced):
-        return None
+    if not isinstance(announced, dict):
+        return None, 1
+    batch_size = announced.get("batch_size")
+    batch_size = batch_size if isinstance(batch_size, int) and batch_size > 0 else 1
+    if not set(JOB_DONE_FIELDS) <= set(announced):
+        return None, batch_size
     fields = {key: announced[key] for key in JOB_DONE_FIELDS}
-    return {**fields, **{key: datetime.fromisoformat(fields[key]) for key in _TIMES if fields[key]}}
+    return {**fields, **{key: datetime.fromisoformat(fields[key]) for key in _TIMES if fields[key]}}, batch_size

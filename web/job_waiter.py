@@ -6,8 +6,9 @@ onto itself, which leaves the message for any other waiter of the same job; the 
 after the job ends, so a waiter may start before or after that. No listener thread, no polling, and a
 web process reads only the ends of the jobs it waits for.
 
-It also tells the submit path whether a model's jobs may be queueing up in this process
-(`may_be_queueing`), which decides whether a job may rely on its model's waiting message.
+It also tells the submit path whether a model's jobs may be queueing up (`may_be_queueing`), which decides
+whether a job may rely on its model's waiting message: as this process sees it from its own waiting requests,
+and, for the load other web processes bring, from the ends it hears of jobs recorded together.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import redis
 
@@ -32,6 +34,10 @@ RETRY_PAUSE_SECONDS = 0.5
 # job's end (one submitted without ?wait, or whose wait ran out). Longer than a pending mark lives, so that a
 # job left behind a marked message that was lost is claimed with the model's next job (common/queues.py).
 UNHEARD_MESSAGE_SECONDS = 2 * RUN_PENDING_TTL_MS / 1000
+# After hearing the end of a model's job that its worker recorded together with others (they had queued up),
+# this process takes the model's jobs as queueing for this long: the submits of other web processes queue with
+# its own, which its own waiting requests do not show. Under load such ends arrive every few milliseconds.
+QUEUED_TOGETHER_SECONDS = 0.25
 
 
 def _block_for(left: float) -> float:
@@ -42,7 +48,7 @@ def _block_for(left: float) -> float:
 class Watch:
     """One request's wait for one job's end."""
 
-    def __init__(self, client: redis.Redis, job_id: str, on_end: Callable[[str], None]):
+    def __init__(self, client: redis.Redis, job_id: str, on_end: Callable[[int], None]):
         self._client = client
         self._key = job_done_key(job_id)
         self._job_id = job_id
@@ -65,24 +71,26 @@ class Watch:
                     return self._ended(None)
                 continue
             if message is not None:
-                return self._ended(self._read(message, finished))
+                return self._ended(*self._read(message, finished))
             if unreachable:  # Redis is back: an end announced while it was away is lost, so read the row once more
                 unreachable = False
                 if finished():
                     return self._ended(None)
         return None
 
-    def _read(self, message: bytes, finished: Callable[[], bool]) -> dict | None:
+    def _read(self, message: bytes, finished: Callable[[], bool]) -> tuple[dict | None, int]:
+        """The announced fields (None: the caller has read the row) and how many jobs were recorded together."""
         try:
-            if (final := read_job_done(message)) is not None:
-                return final
+            final, batch_size = read_job_done(message)
         except (ValueError, TypeError):  # not a message we can read: the row says how the job ended
             log.warning("unreadable job-done message", extra={"job_id": self._job_id})
-        finished()
-        return None
+            final, batch_size = None, 1
+        if final is None:
+            finished()
+        return final, batch_size
 
-    def _ended(self, final: dict | None) -> dict | None:
-        self._on_end(self._job_id)
+    def _ended(self, final: dict | None, batch_size: int = 1) -> dict | None:
+        self._on_end(batch_size)
         return final
 
 
@@ -93,6 +101,7 @@ class JobWaiter:
         # per model, the job of the last message this process published and when, until its end is heard
         self._last_sent: dict[str, tuple[str, float]] = {}
         self._model_of_sent: dict[str, str] = {}
+        self._queued_together_until: dict[str, float] = {}  # per model (QUEUED_TOGETHER_SECONDS)
         self._lock = threading.Lock()
 
     def message_sent(self, model_id: str, job_id: str) -> None:
@@ -104,11 +113,12 @@ class JobWaiter:
 
     def may_be_queueing(self, model_id: str, job_id: str) -> bool:
         """Whether jobs of the model may be queueing up, as this process sees it: another request here waits
-        for its job, or the job of the last message this process published for the model has not been heard
-        to end (for at most UNHEARD_MESSAGE_SECONDS when nobody here waits for it). A hint: either answer is
-        safe, a wrong one costs only speed (web/api/jobs.py: _enqueue)."""
+        for its job, a job of the model was just heard to end recorded together with others, or the job of the
+        last message this process published for the model has not been heard to end (for at most
+        UNHEARD_MESSAGE_SECONDS when nobody here waits for it). A hint: either answer is safe, a wrong one
+        costs only speed (web/api/jobs.py: _enqueue)."""
         with self._lock:
-            if len(self._watched) > (job_id in self._watched):
+            if len(self._watched) > (job_id in self._watched) or self._queued_together(model_id):
                 return True
             sent = self._last_sent.get(model_id)
             if sent is None:
@@ -118,21 +128,30 @@ class JobWaiter:
             self._forget(sent[0])
             return False
 
+    def _queued_together(self, model_id: str) -> bool:
+        until = self._queued_together_until.get(model_id)
+        if until is not None and until <= time.monotonic():
+            del self._queued_together_until[model_id]
+            return False
+        return until is not None
+
     @contextmanager
-    def watch(self, job_id: str) -> Iterator[Watch]:
-        """A wait for the job's end, counted (may_be_queueing) from now on."""
+    def watch(self, job_id: str, model_id: str) -> Iterator[Watch]:
+        """A wait for the job (of the model) to end, counted (may_be_queueing) from now on."""
         with self._lock:
             self._watched[job_id] = self._watched.get(job_id, 0) + 1
         try:
-            yield Watch(self._client, job_id, self._heard_end)
+            yield Watch(self._client, job_id, partial(self._heard_end, job_id, model_id))
         finally:
             with self._lock:
                 if (left := self._watched.pop(job_id) - 1) > 0:
                     self._watched[job_id] = left
 
-    def _heard_end(self, job_id: str) -> None:
+    def _heard_end(self, job_id: str, model_id: str, batch_size: int) -> None:
         with self._lock:
             self._forget(job_id)
+            if batch_size > 1:
+                self._queued_together_until[model_id] = time.monotonic() + QUEUED_TOGETHER_SECONDS
 
     def _forget(self, job_id: str) -> None:
         if (model_id := self._model_of_sent.pop(job_id, None)) is not None:

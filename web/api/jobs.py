@@ -197,13 +197,13 @@ def _wait_for(job: PredictionJob, seconds: float) -> PredictionJob:
     seconds = _wait_seconds(seconds)
     if seconds <= 0 or job.status in FINAL_STATUSES:
         return job
-    with _watching(job.id, seconds) as watch:
+    with _watching(job.id, job.model_version_id, seconds) as watch:
         return _await_end(job, watch, seconds, check_first=True)
 
 
-def _watching(job_id: uuid.UUID, seconds: float):
+def _watching(job_id: uuid.UUID, model_id: uuid.UUID, seconds: float):
     """A watch on the job's end, or nothing when the client does not wait."""
-    return current_app.extensions["job_waiter"].watch(str(job_id)) if seconds > 0 else nullcontext()
+    return current_app.extensions["job_waiter"].watch(str(job_id), str(model_id)) if seconds > 0 else nullcontext()
 
 
 def _enqueue(job: PredictionJob, rows: list) -> bool:
@@ -278,7 +278,7 @@ def predict(body: dict, query: dict, model_ref: str):
     job_id, seconds = uuid.uuid4(), _wait_seconds(query["wait"])
     # watched from before its row exists, so that other submits here see a request waiting (may_be_queueing);
     # its end stays readable in Redis, so one announced before the wait begins is not missed
-    with _watching(job_id, seconds) as watch:
+    with _watching(job_id, model.id, seconds) as watch:
         job, created = _insert_job(job_id, model.id, rows, key, flush=watch is None)
         if not created:
             return _answer(_flushed(_wait_for(job, query["wait"])))

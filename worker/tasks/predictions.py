@@ -243,7 +243,7 @@ def announce(outcomes: list[tuple[ClaimedJob, dict]], written_rows: list[dict]) 
     try:
         with runtime.redis_client().pipeline(transaction=False) as pipe:
             for job, _ in recorded:
-                announce_job_done(pipe, str(job.id), written[job.id])
+                announce_job_done(pipe, str(job.id), written[job.id], len(outcomes))
             pipe.execute()
     except redis.RedisError as exc:  # only wake-ups: a waiter that cannot read Redis reads the row instead
         log.warning("could not announce finished jobs", extra={"jobs": len(recorded), "error": str(exc)})
