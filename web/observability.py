@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from celery.signals import before_task_publish
 from flask import Flask, Response, g, has_request_context, request
 
 from common.logging import CONTEXT_HEADER, configure_logging, current_context, request_id_from
-from common.models import PredictionJob
 from web import metrics
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -40,8 +40,8 @@ class RequestContextFilter(logging.Filter):
         return True
 
 
-def job_submitted(job: PredictionJob) -> None:
-    """Count a job just submitted; the request's access line will name it (one line per submit, not two)."""
+def job_submitted(job: Any) -> None:
+    """Count a job just submitted (its row, or a copy of it); the request's access line will name it (one line per submit, not two)."""
     metrics.record_job_submitted(job.model_version_id)
     g.submitted_job = {"job_id": str(job.id), "model_id": str(job.model_version_id)}
 
