@@ -8,10 +8,10 @@ on a free port, which the soak can restart without disturbing anyone else using 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -401,19 +401,53 @@ def reset_dir(path: Path) -> Path:
 class JsonConnection:
     """One keep-alive HTTP/1.1 connection posting JSON, for the measured job paths.
 
-    The instrument should cost little next to what it measures: on this machine requests spends about
-    2.5 ms of client CPU per call against 0.8 ms for http.client, and in the latency figure that is spent
-    on the path being timed."""
+    The instrument should cost little next to what it measures: its clients share the machine with the stack.
+    On a machine of 2026-11-28 http.client spent 225-285 us of client CPU a call (parsing headers through
+    email.parser) against 90-105 us for this (requests: about ten times that), and in the latency figure that
+    is spent on the path being timed. It reads only what the answer needs: the status and a Content-Length
+    body, which is all the API sends."""
 
     def __init__(self, base_url: str, token: str, timeout: float = 60.0):
         where = urlsplit(base_url)
-        self.connection = http.client.HTTPConnection(where.hostname, where.port, timeout=timeout)
-        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.address, self.timeout = (where.hostname, where.port), timeout
+        self.head = (f"Host: {where.netloc}\r\nAuthorization: Bearer {token}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: ").encode()
+        self.sock: socket.socket | None = None
+        self.buffer = b""
 
     def post(self, path: str, body: dict) -> tuple[int, dict]:
-        self.connection.request("POST", path, json.dumps(body), self.headers)
-        response = self.connection.getresponse()
-        return response.status, json.loads(response.read())
+        data = json.dumps(body).encode()
+        if self.sock is None:
+            self.sock = socket.create_connection(self.address, self.timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.buffer = b""
+        try:
+            self.sock.sendall(b"POST %s HTTP/1.1\r\n%s%d\r\n\r\n%s" % (path.encode(), self.head, len(data), data))
+            return self._response()
+        except Exception:
+            self.sock.close()
+            self.sock = None  # the next call connects again
+            raise
+
+    def _response(self) -> tuple[int, dict]:
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            self._receive()
+        head = self.buffer[:end]
+        length = int(re.search(rb"(?i)\r\ncontent-length:[ \t]*(\d+)", head).group(1))
+        start = end + 4
+        while len(self.buffer) < start + length:
+            self._receive()
+        body, self.buffer = self.buffer[start:start + length], self.buffer[start + length:]
+        if re.search(rb"(?i)\r\nconnection:[ \t]*close", head):
+            self.sock.close()
+            self.sock = None
+        return int(head[9:12]), json.loads(body)
+
+    def _receive(self) -> None:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        self.buffer += chunk
 
 
 class Client:
