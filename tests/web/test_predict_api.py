@@ -138,3 +138,33 @@ def test_a_value_postgres_cannot_store_is_422_and_no_job(client, user):
     assert response.json["error"]["code"] == "unstorable_value"
     listed = client.get(f"/api/v1/jobs?model_id={version['id']}", headers=user["headers"]).json
     assert listed["total"] == 0
+
+
+def test_a_job_whose_row_is_deleted_during_a_wait_answers_404(client, app, user, iris_version):
+    """A long poll whose job's row goes away meanwhile (its owner removed by an operator) answers 404 when the
+    wait runs out, not a 500."""
+    import threading
+
+    from sqlalchemy import delete
+
+    from common.extensions import db
+    from common.models import PredictionJob
+
+    celery = app.extensions["celery"]
+    celery.control.cancel_consumer("predictions", reply=True)  # whatever workers run, none takes the job
+    try:
+        job = submit(client, user["headers"], iris_version["id"], [[5.0, 3.0, 1.5, 0.2]]).json
+        assert job["status"] == "queued"
+
+        def delete_row():
+            with app.app_context(), db.engine.begin() as connection:
+                connection.execute(delete(PredictionJob).where(PredictionJob.id == uuid.UUID(job["id"])))
+
+        deleter = threading.Timer(0.3, delete_row)
+        deleter.start()
+        response = client.get(f"/api/v1/jobs/{job['id']}?wait=1", headers=user["headers"])
+        deleter.join()
+    finally:
+        celery.control.add_consumer("predictions", reply=True)
+    assert response.status_code == 404, response.json
+    assert response.json["error"]["code"] == "not_found"
