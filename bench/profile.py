@@ -1,6 +1,6 @@
 """Where a single-row job's time goes: CPU per job in each process of the stack, and py-spy profiles.
 
-    python -m bench.profile [--seconds 20] [--concurrency 2]
+    python -m bench.profile [--seconds 20] [--concurrency 2] [--sequential 1000]
 
 Brings up the same stack as `make bench` (database inferq_bench, Redis db 10) beside the bare Celery floor's
 no-op workers, and first measures the floor's 8 clients: tasks/s and the whole machine's CPU per task. Then it
@@ -10,6 +10,10 @@ and the whole machine's (clients and kernel included) per job; once under `py-sp
 processes, worker main processes and pool children; only the thread holding the GIL is sampled, so samples are
 CPU), summarised as the functions with the most samples, inclusive, in InferQ's own code and in the libraries,
 and as each package's share of the samples' innermost frames. Raw profiles go to var/bench-profile/.
+
+With `--sequential N`, it also compares one client's round trips, as `make bench`'s latency target does:
+alternating rounds of N no-op `delay().get()` calls and N single-row `?wait` jobs, each with the CPU that
+every group of processes (and this client process) used per round trip, beside the wall time of one.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import joblib
@@ -26,7 +31,8 @@ import numpy as np
 import psutil
 import redis
 
-from bench.run import (BENCH_DB, BENCH_REDIS_DB, CLIENTS, _noop_client, batch_data, job_throughput, run_clients,
+from bench.run import (BENCH_DB, BENCH_REDIS_DB, CLIENTS, _noop_client, batch_data, job_latencies, job_throughput,
+                       noop_round_trips, run_clients,
                        start_client_server, start_noop_workers, warm_noop_workers, warm_up)
 from bench.stack import ROOT, Client, Stack, own_services, reset_dir
 
@@ -73,6 +79,12 @@ def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
     return out
 
 
+def _used(before: dict[str, dict[int, float]], groups: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """CPU seconds each group used since `before` (a process that came since, e.g. a PostgreSQL backend, from 0)."""
+    return {g: sum(t - before.get(g, {}).get(pid, 0.0) for pid, t in _cpu(procs).items())
+            for g, procs in groups.items()}
+
+
 def cpu_per_job(stack: Stack, client: Client, model, model_id: str, seconds: float) -> dict:
     groups = _groups(stack)
     before = {g: _cpu(p) for g, p in groups.items()}
@@ -81,16 +93,44 @@ def cpu_per_job(stack: Stack, client: Client, model, model_id: str, seconds: flo
     result = job_throughput(client, model, model_id, seconds)
     wall = time.perf_counter() - wall
     machine = _machine_cpu() - machine
-    groups_after = _groups(stack)  # postgres backends may have come and gone
     report = {"jobs_per_s": result["jobs_per_s"], "completed": result["completed"], "wrong": result["wrong_results"]}
     jobs = max(result["completed"], 1)
-    for g, procs in groups_after.items():
-        after = _cpu(procs)
-        used = sum(after[pid] - before[g].get(pid, 0.0) for pid in after)
+    for g, used in _used(before, _groups(stack)).items():
         report[f"{g}_cpu_ms_per_job"] = round(used / jobs * 1e3, 2)
     report["machine_cpu_ms_per_job"] = round(machine / jobs * 1e3, 2)
     report["machine_busy"] = round(machine / wall / os.cpu_count(), 2)
     return report
+
+
+def cpu_per_round_trip(groups: Callable[[], dict[str, list[psutil.Process]]], run: Callable[[], int]) -> dict:
+    """Run `run` (it returns how many round trips it made, one after the other): wall ms per round trip, and
+    CPU ms per round trip of each group, of this process (the client) and of the whole machine."""
+    def with_client() -> dict[str, list[psutil.Process]]:
+        return {**groups(), "client": [psutil.Process()]}
+
+    before = {g: _cpu(p) for g, p in with_client().items()}
+    machine, wall = _machine_cpu(), time.perf_counter()
+    count = run()
+    wall, machine = time.perf_counter() - wall, _machine_cpu() - machine
+    report = {"wall": wall, **_used(before, with_client()), "machine": machine}
+    return {k: round(v / count * 1e3, 2) for k, v in report.items()}
+
+
+def sequential_rounds(stack: Stack, noop_workers: list, client: Client, model_id: str, rows: np.ndarray,
+                      count: int, rounds: int = 3) -> None:
+    """One client's no-op round trips against its `?wait` jobs, in alternating rounds: ms per round trip."""
+    def floor_groups() -> dict[str, list[psutil.Process]]:
+        return {"worker_main": [psutil.Process(w.proc.pid) for w in noop_workers],
+                "worker_children": [c for w in noop_workers for c in w.children()],
+                "redis": _redis_server(stack.redis_url)}
+
+    for n in range(rounds):
+        floor = cpu_per_round_trip(floor_groups, lambda: len(noop_round_trips(count)))
+        jobs = cpu_per_round_trip(lambda: _groups(stack),
+                                  lambda: len(job_latencies(client, model_id, rows, count, offset=n * count)))
+        print(f"round {n + 1}, ms per round trip (wall, then CPU by group):")
+        print(f"  no-op delay().get(): {floor}")
+        print(f"  ?wait job:           {jobs}")
 
 
 def cpu_per_noop(seconds: float) -> dict:
@@ -167,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--no-spy", action="store_true")
+    parser.add_argument("--sequential", type=int, default=0, metavar="N",
+                        help="also compare one client's N no-op round trips and N ?wait jobs, in alternating rounds")
     parser.add_argument("--pyinstrument", action="store_true",
                         help="instead of py-spy: profile every request and task inside the processes (bench.profiled)")
     args = parser.parse_args(argv)
@@ -189,12 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         print("the bare Celery floor, 8 clients:")
         for k, v in cpu_per_noop(args.seconds).items():
             print(f"  {k}: {v}")
-        while noop_workers:
-            noop_workers.pop().stop()
         client = Client(stack.url).register()
         version = client.upload_model(open(model_path, "rb").read(), "model.joblib", "bench-lr")
         rows = np.round(np.random.default_rng(5).standard_normal((100, 30)), 3)
         warm_up(stack, client, version["id"], rows)
+        if args.sequential:
+            sequential_rounds(stack, noop_workers, client, version["id"], rows, args.sequential)
+        while noop_workers:  # idle from here on
+            noop_workers.pop().stop()
         print("CPU per job, clean run:")
         clean = cpu_per_job(stack, client, model, version["id"], args.seconds)
         for k, v in clean.items():
