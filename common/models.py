@@ -141,7 +141,9 @@ class PredictionJob(Base):
     __tablename__ = "prediction_jobs"
     __mapper_args__ = {"eager_defaults": True}
     __table_args__ = (
-        UniqueConstraint("owner_id", "idempotency_key", name="uq_prediction_jobs_owner_idempotency_key"),
+        # an Idempotency-Key is unique per owner; the jobs without one (most) keep no entry here
+        Index("ix_prediction_jobs_owner_idempotency_key", "owner_id", "idempotency_key", unique=True,
+              postgresql_where=text("idempotency_key IS NOT NULL")),
         Index("ix_prediction_jobs_owner_created", "owner_id", "created_at"),
         Index("ix_prediction_jobs_model_created", "model_version_id", "created_at"),
         # the reconciler scans only unfinished jobs

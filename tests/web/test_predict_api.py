@@ -1,8 +1,10 @@
 """Submitting prediction jobs: input validation, idempotency, cancellation and waiting (no worker needed)."""
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -40,6 +42,23 @@ def test_idempotency_key_returns_the_same_job(client, user, iris_version):
     second = submit(client, headers, iris_version["id"], [[5.0, 3.0, 1.5, 0.2]])
     assert first.json["id"] == second.json["id"]
     listed = client.get(f"/api/v1/jobs?model_id={iris_version['id']}", headers=user["headers"]).json
+    assert listed["total"] == 1
+
+
+def test_concurrent_submits_with_one_idempotency_key_create_one_job(app, user, iris_version):
+    """Retries that race each other: each finds no job for the key yet, and the database lets one insert win."""
+    headers = {**user["headers"], "Idempotency-Key": uuid.uuid4().hex}
+    start = threading.Barrier(8)
+
+    def submit_once(_):
+        start.wait()
+        return submit(app.test_client(), headers, iris_version["id"], [[5.0, 3.0, 1.5, 0.2]])
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(submit_once, range(8)))
+    assert {r.status_code for r in responses} <= {200, 202}
+    assert len({r.json["id"] for r in responses}) == 1
+    listed = app.test_client().get(f"/api/v1/jobs?model_id={iris_version['id']}", headers=user["headers"]).json
     assert listed["total"] == 1
 
 
