@@ -16,7 +16,7 @@ from common.storage import ArtifactStore
 from web.errors import InferQApi, register_error_handlers
 from web.job_waiter import JobWaiter
 from web.observability import register_observability
-from web.publishing import FAIL_FAST
+from web.publishing import FAIL_FAST, Publisher
 from web.security import register_jwt_callbacks
 
 api = InferQApi()
@@ -90,6 +90,7 @@ def register_extensions(app: Flask, settings: Settings) -> None:
     celery = create_celery(settings, "inferq-web")
     celery.conf.broker_transport_options = {**celery.conf.broker_transport_options, **FAIL_FAST}
     app.extensions["celery"] = celery
+    app.extensions["publisher"] = Publisher(celery)
     app.extensions["artifact_store"] = ArtifactStore(settings.storage_root)
 
 

@@ -56,3 +56,33 @@ def test_requests_while_postgres_is_down_answer_503_with_retry_after(settings, c
         assert int(response.headers["Retry-After"]) >= 1  # on login, the rate limiter's own Retry-After
     bearer = down.get("/api/v1/jobs", headers=user["headers"])  # its revocation cannot be checked
     assert bearer.status_code == 503 and bearer.json["error"]["code"] == "auth_unavailable"
+
+
+def test_submits_publish_again_once_a_restarted_redis_is_back(settings, user, iris_version, tmp_path):
+    """A request thread keeps its broker connection from one message to the next (web/publishing.py). The
+    submit that finds Redis gone is still accepted, its job left to the reconciler, and once Redis is back the
+    next submit's message reaches the queue again."""
+    import redis
+
+    from bench.stack import OwnRedis
+    from common.queues import PREDICTIONS_QUEUE
+    from web.app import create_app
+
+    broker = OwnRedis(tmp_path / "redis").start()
+    try:
+        web = create_app(replace(settings, redis_url=broker.url)).test_client()
+        queue = redis.Redis.from_url(broker.url)
+
+        def submit():
+            return web.post(f"/api/v1/predict/{iris_version['id']}", headers=user["headers"],
+                            json={"instances": [[5.0, 3.0, 1.5, 0.2]]})
+
+        assert submit().status_code == 202 and queue.llen(PREDICTIONS_QUEUE) == 1
+        broker.stop()
+        lost = submit()
+        assert lost.status_code == 202 and lost.json["status"] == "queued"
+        broker.start()  # its append-only file kept the first message
+        assert submit().status_code == 202
+        assert queue.llen(PREDICTIONS_QUEUE) == 2
+    finally:
+        broker.stop()
