@@ -56,16 +56,14 @@ class Publisher:
 
     def _producer(self) -> Producer:
         if (producer := getattr(self._local, "producer", None)) is None:
+            # connects on its first message, not here
             connection = self._celery.connection_for_write()
-            try:
-                producer = self._local.producer = self._celery.amqp.Producer(connection, auto_declare=False)
-            except BaseException:
-                connection.release()
-                raise
+            producer = self._local.producer = self._celery.amqp.Producer(connection, auto_declare=False)
         return producer
 
     def _drop_producer(self) -> None:
-        if (producer := self._local.__dict__.pop("producer", None)) is not None:
+        producer, self._local.producer = getattr(self._local, "producer", None), None
+        if producer is not None:
             with contextlib.suppress(Exception):  # its connection is the one that failed
                 producer.connection.release()
 
