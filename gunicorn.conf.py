@@ -1,8 +1,8 @@
-"""gunicorn reads this file from the working directory: multiprocess metrics and JSON logs for the web.
+"""gunicorn reads this file from the working directory: the worker class, multiprocess metrics and JSON logs.
 
-The Procfile's and docker-compose's gunicorn command lines say how many processes; this file says how
-their metrics add up. prometheus_client decides at import whether it writes per-process files, so the
-directory is chosen here, in the master, before any worker imports the app.
+The Procfile's and docker-compose's gunicorn command lines say how many processes and threads; this file says
+what kind of worker they are and how their metrics add up. prometheus_client decides at import whether it
+writes per-process files, so the directory is chosen here, in the master, before any worker imports the app.
 """
 import os
 import shutil
@@ -23,6 +23,9 @@ def _metrics_dir() -> Path:
     except OSError:
         return Path(tempfile.gettempdir()) / "inferq-metrics" / "web"
 
+
+# gthread, except that a request thread answers a keep-alive connection's next request itself (web/server.py)
+worker_class = "web.server.KeepAliveThreadWorker"
 
 _metrics_dir = _metrics_dir()
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)

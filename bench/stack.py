@@ -289,7 +289,7 @@ class Stack:
         log = open(self.log_dir / "web.log", "ab")
         self.web = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers",
-             str(self.web_processes), "--worker-class", "gthread", "--threads", str(self.web_threads),
+             str(self.web_processes), "--threads", str(self.web_threads),
              "--timeout", "120", self.web_app],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60

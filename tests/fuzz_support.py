@@ -58,7 +58,7 @@ class WebServer:
         self.port, self.log_path = free_port(), log_path
         self.env = {**os.environ, **env}
         self.args = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers",
-                     str(processes), "--worker-class", "gthread", "--threads", str(threads), "--timeout", "120",
+                     str(processes), "--threads", str(threads), "--timeout", "120",
                      "web.app:create_app()"]
         self.proc: subprocess.Popen | None = None
 

@@ -46,7 +46,7 @@ class LiveServer:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.processes),
-             "--worker-class", "gthread", "--threads", "4", "web.app:create_app()"],
+             "--threads", "4", "web.app:create_app()"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until_serving(self.proc, self.url, self.log_path)
         return self
