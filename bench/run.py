@@ -760,6 +760,11 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(results, indent=2, default=float) + "\n")
     print(table(results))
     print(f"\n{profile.name} run in {results['run_seconds']:.0f} s; figures in {args.out}")
+    if profile is QUICK:
+        # one 4 s round and a 100k-row batch (where staging and assembly weigh as much as scoring) are a smoke
+        # run: its ratios are shown, but only a wrong result fails it; the targets are judged on `make bench`
+        print("quick run: the ratios are indicative; `make bench` judges the targets")
+        return 0 if results["jobs_throughput"]["wrong_results"] == 0 else 1
     return 0 if all(t["pass"] for t in results["targets"].values()) else 1
 
 
