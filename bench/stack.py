@@ -1,9 +1,10 @@
 """Bring up a whole InferQ stack in subprocesses for the benchmark and the chaos soak.
 
 What runs is what the Procfile runs: gunicorn (with gunicorn.conf.py's worker) for the web, `celery worker`
-processes with the prefork pool, and optionally `celery beat` (the reconciler). The stack gets its own PostgreSQL database
-(created fresh and migrated) and either a Redis db number on the given Redis or a redis-server of its own
-on a free port, which the soak can restart without disturbing anyone else using the shared Redis.
+processes with the prefork pool, and optionally `celery beat` (the reconciler). The stack gets its own
+PostgreSQL database (created fresh and migrated) and either a Redis db number on the given Redis or a
+redis-server of its own on a free port, which the soak can restart without disturbing anyone else using the
+shared Redis.
 """
 from __future__ import annotations
 

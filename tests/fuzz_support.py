@@ -3,7 +3,8 @@
 Why a live server rather than schemathesis' in-process WSGI transport: the CLI (`schemathesis run`) is the
 only runner that has every phase (examples, coverage, fuzzing, stateful) and every check, including
 `object_level_authorization` with WFC peers; it talks HTTP. A gunicorn with the web's own worker
-(gunicorn.conf.py) is also what production runs, so request parsing, body limits and concurrency are the real ones.
+(gunicorn.conf.py) is also what production runs, so request parsing, body limits and concurrency are the real
+ones.
 
 Two runs, each a `schemathesis run` subprocess:
 - the owner run: alice is the caller; she owns a model version, an alias, a job, a batch and an API key, and
